@@ -1,0 +1,179 @@
+"""Rollout workers: sample responses from pi_old and return them, with behaviour log-probs, as Arrow.
+
+`RolloutEngine` is the interface every backend implements (transformers here; vLLM in
+`actors/vllm_engine.py`). `RolloutWorker` is a plain class (testable without Ray) that owns one engine,
+formats the Arrow payload and grades responses; `actors.remote.RolloutActor` is its Ray shell.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from eopd_ray.batch import make_rollout_table
+from eopd_ray.evaluation import grade_response, high_entropy_fraction
+from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 40
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    """Per prompt: sampled ids (T_i,) up to and including EOS, their behaviour log-probs (T_i,) under the
+    sampling temperature, and the sampler's full-vocabulary entropy (T_i,)."""
+
+    response_ids: list[np.ndarray]
+    logprobs: list[np.ndarray]
+    entropy: list[np.ndarray]
+
+
+class RolloutEngine(ABC):
+    @abstractmethod
+    def generate(self, prompt_ids: list[np.ndarray], params: SamplingParams) -> Generation: ...
+
+    @abstractmethod
+    def load_weights(self, state: dict[str, np.ndarray]) -> None:
+        """Replace the policy weights in place (the weight-sync target)."""
+
+    @abstractmethod
+    def load_model(self, path: str) -> None:
+        """Load another model from disk (evaluation of a checkpoint, the teacher, ...)."""
+
+
+class TransformersEngine(RolloutEngine):
+    """`model.generate` with a KV cache; log-probs and entropies from the raw per-step logits."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                 vocab_size: int | None = None, max_batch: int = 256):
+        self.dtype, self.trust_remote_code = dtype, trust_remote_code
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.vocab_size = vocab_size or len(self.tokenizer)
+        self.max_batch = max_batch
+        self.load_model(model_path)
+
+    def load_model(self, path: str) -> None:
+        self.model = load_causal_lm(path, self.dtype, self.trust_remote_code).eval()
+
+    def load_weights(self, state: dict[str, np.ndarray]) -> None:
+        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        if unexpected or [m for m in missing if not _is_tied(self.model, m)]:
+            raise RuntimeError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[np.ndarray], params: SamplingParams) -> Generation:
+        out = Generation([], [], [])
+        gen = torch.Generator().manual_seed(params.seed)
+        for start in range(0, len(prompt_ids), self.max_batch):
+            chunk = prompt_ids[start:start + self.max_batch]
+            # Each chunk reseeds the global RNG from our generator: results depend only on the seed.
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            part = self._generate_chunk(chunk, params)
+            for field in ("response_ids", "logprobs", "entropy"):
+                getattr(out, field).extend(getattr(part, field))
+        return out
+
+    def _generate_chunk(self, prompt_ids: list[np.ndarray], params: SamplingParams) -> Generation:
+        tok = self.tokenizer
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_ids):  # left padding, as decoder-only generation needs
+            ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            attn[i, width - len(p):] = 1
+        res = self.model.generate(
+            input_ids=ids, attention_mask=attn, do_sample=True, temperature=params.temperature,
+            top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new_BT = res.sequences[:, width:]
+        logits_BTV = torch.stack(res.logits, dim=1)[..., :self.vocab_size].float() / params.temperature
+        logp_BTV = torch.log_softmax(logits_BTV, dim=-1)
+        logprobs_BT = logp_BTV.gather(-1, new_BT[..., None].clamp(max=self.vocab_size - 1)).squeeze(-1)
+        entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+        out = Generation([], [], [])
+        for i in range(new_BT.shape[0]):
+            row = new_BT[i]
+            eos = (row == tok.eos_token_id).nonzero()
+            n = int(eos[0]) + 1 if len(eos) else row.shape[0]  # keep the EOS: it is a sampled token
+            out.response_ids.append(row[:n].numpy().astype(np.int32))
+            out.logprobs.append(logprobs_BT[i, :n].numpy().astype(np.float32))
+            out.entropy.append(entropy_BT[i, :n].numpy().astype(np.float32))
+        return out
+
+
+def _is_tied(model, name: str) -> bool:
+    return name.endswith("lm_head.weight") and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+class RolloutWorker:
+    """One rollout engine plus payload formatting and grading; runs with or without Ray."""
+
+    def __init__(self, model_path: str, engine: str = "transformers", dtype: str = "float32",
+                 trust_remote_code: bool = False, vocab_size: int | None = None, num_threads: int | None = None,
+                 engine_kwargs: dict | None = None):
+        set_threads(num_threads)
+        if engine == "transformers":
+            self.engine: RolloutEngine = TransformersEngine(model_path, dtype, trust_remote_code, vocab_size)
+        elif engine == "vllm":
+            from actors.vllm_engine import VLLMEngine  # imported only here: vLLM is optional
+
+            self.engine = VLLMEngine(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                     vocab_size=vocab_size, **(engine_kwargs or {}))
+        else:
+            raise ValueError(f"rollout.engine={engine!r} is invalid: allowed transformers or vllm")
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+
+    def ping(self) -> bool:
+        return True
+
+    def rollout(self, sample_ids, prompt_ids, answers, params: SamplingParams):
+        """Sample one response per prompt. Returns (Arrow table of ROLLOUT_SCHEMA, small stats dict)."""
+        t0 = time.perf_counter()
+        gen = self.engine.generate(list(prompt_ids), params)
+        texts = self.tokenizer.batch_decode([r.tolist() for r in gen.response_ids], skip_special_tokens=True)
+        correct = [grade_response(t, a) for t, a in zip(texts, answers)]
+        table = make_rollout_table(sample_ids, prompt_ids, gen.response_ids, gen.logprobs, gen.entropy, correct)
+        lengths = [len(r) for r in gen.response_ids]
+        stats = {
+            "rollout/accuracy": float(np.mean(correct)) if correct else 0.0,
+            "rollout/response_length": float(np.mean(lengths)) if lengths else 0.0,
+            "rollout/tokens": int(sum(lengths)),
+            "rollout/entropy": float(np.concatenate(gen.entropy).mean()) if sum(lengths) else 0.0,
+            "rollout/high_entropy_fraction": high_entropy_fraction(gen.entropy, 1.0),
+            "time/generate": time.perf_counter() - t0,
+        }
+        return table, stats
+
+    def evaluate(self, prompt_ids, answers, k: int, params: SamplingParams, threshold: float = 1.0,
+                 model_path: str | None = None) -> dict:
+        """k samples per prompt; returns per-problem correctness (P, k) and the generated-token entropies
+        summarised as a high-entropy fraction and a histogram (paper Fig. 3)."""
+        if model_path:
+            self.engine.load_model(model_path)
+        repeated = [p for p in prompt_ids for _ in range(k)]
+        gen = self.engine.generate(repeated, params)
+        texts = self.tokenizer.batch_decode([r.tolist() for r in gen.response_ids], skip_special_tokens=True)
+        correct = np.array([grade_response(t, a) for t, a in zip(texts, [a for a in answers for _ in range(k)])])
+        ent = np.concatenate(gen.entropy) if gen.entropy else np.zeros(0, np.float32)
+        hist, edges = np.histogram(ent, bins=30, range=(0.0, 3.0))
+        return {"correct": correct.reshape(len(prompt_ids), k), "num_tokens": int(ent.size),
+                "high_entropy_fraction": high_entropy_fraction(gen.entropy, threshold),
+                "entropy_hist": hist.tolist(), "entropy_edges": edges.tolist(), "samples": texts[:4]}
+
+    def update_weights(self, state: dict[str, np.ndarray]) -> float:
+        t0 = time.perf_counter()
+        self.engine.load_weights(state)
+        return time.perf_counter() - t0
+
+    def load_model(self, path: str) -> None:
+        self.engine.load_model(path)

@@ -1,0 +1,217 @@
+"""Student trainer ranks: DeepSpeed (ZeRO 0-3, gloo on CPU, NCCL on GPU), AdamW and a cosine schedule.
+
+Each rank takes an equal, contiguous share of every mini-batch and calls `eopd_loss` with the GLOBAL
+response-token count of the mini-batch, so the per-rank losses sum to the single-rank loss (Algorithm 1,
+line 13). DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by the world size to
+make the applied gradient the gradient of that sum.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from eopd_ray.batch import list_rows, padded_float, padded_topk, sequence_batch
+from eopd_ray.config import LossConfig, TrainerConfig
+from eopd_ray.losses import TokenStats, eopd_loss
+from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
+
+# Metrics that are already normalised by the global token count: they add up over ranks.
+_SUMMED = ("loss/total", "loss/pg", "loss/fkl", "loss/entropy_bonus")
+
+
+def cosine_schedule(total_updates: int, warmup_ratio: float, min_lr_ratio: float):
+    warmup = int(total_updates * warmup_ratio)
+
+    def factor(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / warmup
+        progress = min(1.0, (update - warmup) / max(1, total_updates - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StudentTrainer:
+    def __init__(self, model_path: str, trainer: TrainerConfig, loss: LossConfig, rank: int, world_size: int,
+                 vocab_size: int, pad_id: int, dtype: str = "float32", trust_remote_code: bool = False,
+                 num_threads: int | None = None, backend: str = "gloo"):
+        set_threads(num_threads)
+        self.model_path, self.trainer, self.loss_cfg = model_path, trainer, loss
+        self.rank, self.world_size, self.vocab_size, self.pad_id = rank, world_size, vocab_size, pad_id
+        self.dtype, self.trust_remote_code, self.backend = dtype, trust_remote_code, backend
+        self.engine = None
+
+    # -- set-up: rank 0 publishes an address, then every rank joins at once ---------------------------
+    def master_address(self) -> tuple[str, int]:
+        return os.environ.get("EOPD_NODE_IP", "127.0.0.1"), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> bool:
+        import deepspeed
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        if not dist.is_initialized():
+            # Our own gloo group: DeepSpeed reuses it and skips its JIT-compiled shared-memory backend.
+            dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
+                                    init_method=f"tcp://{master_addr}:{master_port}")
+        model = load_causal_lm(self.model_path, "float32", self.trust_remote_code)
+        model.config.use_cache = False
+        t = self.trainer
+        updates = t.max_steps * (t.batch_size // t.mini_batch_size)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_schedule(max(updates, 1), t.warmup_ratio, t.min_lr_ratio))
+        ds_config = {
+            "train_batch_size": t.mini_batch_size,
+            "train_micro_batch_size_per_gpu": t.mini_batch_size // self.world_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": t.grad_clip,
+            "zero_optimization": {"stage": t.zero_stage},
+            "bf16": {"enabled": self.dtype == "bfloat16"},
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 10**9,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds_config, dist_init_required=False)
+        self.tokenizer = load_tokenizer(self.model_path, self.trust_remote_code)
+        return True
+
+    # -- training --------------------------------------------------------------------------------------
+    def train_step(self, step: int, num_parts: int, *tables: pa.Table) -> dict:
+        """B / B_mini optimizer updates on one iteration's rollouts.
+
+        tables: `num_parts` rollout tables, then the `num_parts` teacher tables scored from them (passed
+        flat so Ray resolves each object ref). Returns token-weighted metrics, equal on every rank.
+        """
+        t0 = time.perf_counter()
+        rollout, teacher = pa.concat_tables(tables[:num_parts]), pa.concat_tables(tables[num_parts:])
+        if not np.array_equal(rollout.column("sample_id").to_numpy(), teacher.column("sample_id").to_numpy()):
+            raise RuntimeError("teacher rows are not aligned with rollout rows (sample_id differs)")
+        t = self.trainer
+        share = t.mini_batch_size // self.world_size
+        sums: dict[str, float] = {}
+        self.engine.train()
+        for mb, start in enumerate(range(0, rollout.num_rows, t.mini_batch_size)):
+            mini = slice(start, start + t.mini_batch_size)
+            num_tokens = sum(len(r) for r in list_rows(rollout.column("response_ids").slice(mini.start, t.mini_batch_size)))
+            mine = slice(start + self.rank * share, start + (self.rank + 1) * share)
+            gen = torch.Generator().manual_seed(
+                self.loss_cfg.random_seed * 1_000_003 + step * 10_007 + mb * 101 + self.rank)
+            metrics = self._update(rollout.slice(mine.start, share), teacher.slice(mine.start, share),
+                                   num_tokens, gen)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        reduced = self._all_reduce(sums)
+        n_mini = rollout.num_rows // t.mini_batch_size
+        out = {}
+        for key, value in reduced.items():
+            if key.startswith("_w/") or key.startswith("tokens/"):
+                continue
+            if key in _SUMMED or key == "optim/grad_norm" or key == "optim/lr":
+                out[key] = value / n_mini / (1 if key in _SUMMED else self.world_size)
+            else:
+                out[key] = value / max(reduced.get(f"_w/{key}", 0.0), 1e-12)
+        out["train/tokens"] = reduced.get("tokens/masked", 0.0)
+        out["time/train"] = time.perf_counter() - t0
+        return out
+
+    def _update(self, rollout: pa.Table, teacher: pa.Table, num_tokens: int, gen: torch.Generator) -> dict:
+        k = self.loss_cfg.top_k
+        responses = list_rows(rollout.column("response_ids"))
+        batch = sequence_batch(list_rows(rollout.column("prompt_ids")), responses, self.pad_id)
+        t_max = batch.response_BT.shape[1]
+        teacher_stats = TokenStats(
+            logprobs=padded_float(list_rows(teacher.column("teacher_logprobs")), t_max),
+            entropy=padded_float(list_rows(teacher.column("teacher_entropy")), t_max),
+            topk_logprobs=padded_topk(list_rows(teacher.column("topk_logprobs")), t_max, k, 0.0),
+            topk_ids=padded_topk(list_rows(teacher.column("topk_ids")), t_max, k, 0))
+        old_logprobs_BT = padded_float(list_rows(rollout.column("logprobs")), t_max)
+        logits_BLV = self.engine(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL).logits
+        logits_BTV = logits_BLV.gather(1, batch.logit_index_BT[..., None].expand(-1, -1, logits_BLV.shape[-1]))
+        logits_BTV = logits_BTV[..., :self.vocab_size]
+        loss, metrics = eopd_loss(logits_BTV, batch.response_BT, old_logprobs_BT, teacher_stats,
+                                  batch.response_mask_BT, self.loss_cfg, num_tokens=num_tokens, generator=gen)
+        self.engine.backward(loss * self.world_size)
+        self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        metrics["optim/lr"] = float(self.engine.get_lr()[0])
+        # Per-token means are re-weighted by this call's token count (gated count for gated means).
+        weighted = {}
+        n = float(metrics.get("tokens/masked", batch.num_tokens))
+        for key, value in metrics.items():
+            if key in _SUMMED or key.startswith("tokens/") or key.startswith("optim/"):
+                weighted[key] = float(value)
+            else:
+                w = float(metrics.get("tokens/gated", 0.0)) if key == "fkl/gated_mean" else n
+                weighted[key] = float(value) * w
+                weighted[f"_w/{key}"] = w
+        return weighted
+
+    def _all_reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        import torch.distributed as dist
+
+        keys = sorted(sums)
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(values)
+        return dict(zip(keys, values.tolist()))
+
+    # -- weights and checkpoints -----------------------------------------------------------------------
+    def _full_state(self) -> dict[str, torch.Tensor] | None:
+        """Full fp32 weights on rank 0 (gathered first under ZeRO-3); every rank must call this."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        if self.trainer.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                state = {k: v.detach().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        else:
+            state = {k: v.detach().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        return state
+
+    def export_weights(self) -> dict[str, np.ndarray] | None:
+        """Rank 0: the student weights as numpy arrays for the object-store sync (zero-copy on a node)."""
+        state = self._full_state()
+        if state is None:
+            return None
+        return {k: v.to(torch.float32).numpy() for k, v in state.items()}
+
+    def save(self, ckpt_dir: str) -> bool:
+        """DeepSpeed state (model, optimizer, scheduler; every rank) plus an HF-format copy (rank 0)."""
+        ckpt = Path(ckpt_dir)
+        self.engine.save_checkpoint(str(ckpt / "deepspeed"), tag="state")
+        state = self._full_state()
+        if self.rank == 0:
+            hf_dir = ckpt / "hf"
+            self.engine.module.save_pretrained(str(hf_dir), state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(str(hf_dir))
+        return True
+
+    def load(self, ckpt_dir: str) -> bool:
+        path, _ = self.engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="state",
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"no DeepSpeed state found in {ckpt_dir}/deepspeed")
+        return True
+
+    def config(self) -> dict:
+        return {"trainer": asdict(self.trainer), "loss": asdict(self.loss_cfg)}

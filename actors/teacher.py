@@ -1,0 +1,71 @@
+"""The frozen teacher: per-token statistics of every sampled response position, as compact Arrow.
+
+For each response token it returns log pi_te(x_t | c_t), the full-vocabulary entropy H_t and the top-k ids
+and log-probs. The hidden states of the response positions are projected through the lm_head chunk by
+chunk (`token_stats_from_hidden`), so neither the [B, T, V] logits nor their float32 log-probabilities
+ever exist at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from eopd_ray.batch import list_rows, make_teacher_table, sequence_batch
+from eopd_ray.losses import token_stats_from_hidden
+from eopd_ray.models import load_causal_lm, set_threads
+
+
+class TeacherScorer:
+    def __init__(self, model_path: str, top_k: int, vocab_size: int, pad_id: int, chunk_size: int = 1024,
+                 dtype: str = "float32", trust_remote_code: bool = False, num_threads: int | None = None,
+                 max_batch: int = 64):
+        set_threads(num_threads)
+        self.model = load_causal_lm(model_path, dtype, trust_remote_code).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.top_k, self.vocab_size, self.pad_id = top_k, vocab_size, pad_id
+        self.chunk_size, self.max_batch = chunk_size, max_batch
+
+    def ping(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def score(self, rollout: pa.Table) -> tuple[pa.Table, dict]:
+        """rollout: ROLLOUT_SCHEMA table -> (TEACHER_SCHEMA table in the same row order, stats)."""
+        t0 = time.perf_counter()
+        prompts = list_rows(rollout.column("prompt_ids"))
+        responses = list_rows(rollout.column("response_ids"))
+        cols: dict[str, list] = {"logprobs": [], "entropy": [], "topk_ids": [], "topk_logprobs": []}
+        for s in range(0, len(prompts), self.max_batch):
+            self._score_chunk(prompts[s:s + self.max_batch], responses[s:s + self.max_batch], cols)
+        table = make_teacher_table(rollout.column("sample_id").to_numpy(), cols["logprobs"], cols["entropy"],
+                                   cols["topk_ids"], cols["topk_logprobs"])
+        ent = np.concatenate(cols["entropy"]) if cols["entropy"] else np.zeros(0)
+        stats = {"teacher/entropy_rollout": float(ent.mean()) if ent.size else 0.0,
+                 "teacher/high_entropy_fraction": float((ent >= 1.0).mean()) if ent.size else 0.0,
+                 "time/teacher": time.perf_counter() - t0}
+        return table, stats
+
+    def _score_chunk(self, prompts, responses, cols) -> None:
+        batch = sequence_batch(prompts, responses, self.pad_id)
+        hidden_BLH = self.model.get_decoder()(input_ids=batch.input_ids_BL,
+                                              attention_mask=batch.attention_mask_BL).last_hidden_state
+        mask_BT = batch.response_mask_BT
+        # Only real response positions are projected: padding would cost V-wide work for nothing.
+        index_N = (batch.logit_index_BT + torch.arange(len(prompts))[:, None] * hidden_BLH.shape[1])[mask_BT]
+        hidden_NH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])[index_N]
+        weight_VH = self.model.get_output_embeddings().weight
+        stats = token_stats_from_hidden(hidden_NH, weight_VH, batch.response_BT[mask_BT], self.top_k,
+                                        chunk_size=self.chunk_size, vocab_size=self.vocab_size)
+        start = 0
+        for r in responses:  # rows are contiguous in the flattened (row-major) masked order
+            end = start + len(r)
+            cols["logprobs"].append(stats.logprobs[start:end].float().numpy())
+            cols["entropy"].append(stats.entropy[start:end].float().numpy())
+            cols["topk_ids"].append(stats.topk_ids[start:end].numpy().astype(np.int32))
+            cols["topk_logprobs"].append(stats.topk_logprobs[start:end].float().numpy())
+            start = end

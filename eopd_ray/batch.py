@@ -1,0 +1,135 @@
+"""Arrow payloads exchanged between actors, and their conversion to padded tensors.
+
+Rollouts and teacher statistics travel through the Ray object store as `pyarrow.Table`s of list columns:
+one row per response, flat numeric buffers, no per-token Python objects, zero-copy on the same node.
+The teacher payload per response position is 4 (log-prob) + 4 (entropy) + k * (4 + 4) (top-k ids and
+log-probs) bytes = 8k + 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+ROLLOUT_SCHEMA = pa.schema([
+    ("sample_id", pa.int64()),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("response_ids", pa.list_(pa.int32())),
+    ("logprobs", pa.list_(pa.float32())),  # behaviour log-probs of pi_old at the sampled tokens
+    ("entropy", pa.list_(pa.float32())),  # the sampler's own full-vocabulary entropy per position
+    ("correct", pa.bool_()),
+])
+
+TEACHER_SCHEMA = pa.schema([
+    ("sample_id", pa.int64()),
+    ("teacher_logprobs", pa.list_(pa.float32())),  # (T,)
+    ("teacher_entropy", pa.list_(pa.float32())),  # (T,)
+    ("topk_ids", pa.list_(pa.int32())),  # (T * k,) row-major
+    ("topk_logprobs", pa.list_(pa.float32())),  # (T * k,)
+])
+
+
+def _list_column(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
+    """Build a list<dtype> column from per-row 1-D numpy arrays with one flat buffer."""
+    lengths = np.array([len(a) for a in arrays], dtype=np.int32)
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False)))
+
+
+def make_rollout_table(sample_ids, prompt_ids, response_ids, logprobs, entropy, correct) -> pa.Table:
+    """All per-row arguments are sequences of equal length; the list ones hold 1-D numpy arrays."""
+    return pa.Table.from_arrays([
+        pa.array(np.asarray(sample_ids, dtype=np.int64)),
+        _list_column([np.asarray(p) for p in prompt_ids], pa.int32()),
+        _list_column([np.asarray(r) for r in response_ids], pa.int32()),
+        _list_column([np.asarray(x) for x in logprobs], pa.float32()),
+        _list_column([np.asarray(x) for x in entropy], pa.float32()),
+        pa.array(np.asarray(correct, dtype=bool)),
+    ], schema=ROLLOUT_SCHEMA)
+
+
+def make_teacher_table(sample_ids, logprobs, entropy, topk_ids, topk_logprobs) -> pa.Table:
+    """`topk_*` rows are (T_i, k) arrays; they are stored flattened."""
+    return pa.Table.from_arrays([
+        pa.array(np.asarray(sample_ids, dtype=np.int64)),
+        _list_column([np.asarray(x) for x in logprobs], pa.float32()),
+        _list_column([np.asarray(x) for x in entropy], pa.float32()),
+        _list_column([np.asarray(x).reshape(-1) for x in topk_ids], pa.int32()),
+        _list_column([np.asarray(x).reshape(-1) for x in topk_logprobs], pa.float32()),
+    ], schema=TEACHER_SCHEMA)
+
+
+def list_rows(column: pa.ChunkedArray | pa.ListArray) -> list[np.ndarray]:
+    """Per-row numpy views of a list column (no per-element Python objects)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(column))]
+
+
+def payload_bytes_per_position(teacher: pa.Table) -> float:
+    """Bytes of numeric teacher payload per response position (offsets and ids excluded)."""
+    n = sum(len(r) for r in list_rows(teacher.column("teacher_logprobs")))
+    cols = ("teacher_logprobs", "teacher_entropy", "topk_ids", "topk_logprobs")
+    total = sum(teacher.column(c).combine_chunks().values.nbytes for c in cols)
+    return total / max(n, 1)
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + response sequences, right-padded, with the response aligned to its predicting positions.
+
+    input_ids_BL / attention_mask_BL: (B, L) full sequences. For response position t of row b the token
+    is `response_BT[b, t]`, predicted by the logits at sequence position `logit_index_BT[b, t]`.
+    """
+
+    input_ids_BL: torch.Tensor
+    attention_mask_BL: torch.Tensor
+    response_BT: torch.Tensor
+    logit_index_BT: torch.Tensor
+    response_mask_BT: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask_BT.sum())
+
+
+def pad_rows(rows: list[np.ndarray], width: int, fill, dtype) -> np.ndarray:
+    out = np.full((len(rows), width), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def sequence_batch(prompt_rows: list[np.ndarray], response_rows: list[np.ndarray], pad_id: int) -> SequenceBatch:
+    """Concatenate prompts and responses (right padding) and index the response positions."""
+    lengths = [len(p) + len(r) for p, r in zip(prompt_rows, response_rows)]
+    width = max(lengths)
+    t_max = max(1, max(len(r) for r in response_rows))
+    seqs = [np.concatenate([p, r]) for p, r in zip(prompt_rows, response_rows)]
+    input_ids = torch.from_numpy(pad_rows(seqs, width, pad_id, np.int64))
+    attn = torch.from_numpy(pad_rows([np.ones(n, np.int64) for n in lengths], width, 0, np.int64))
+    response = torch.from_numpy(pad_rows(response_rows, t_max, pad_id, np.int64))
+    resp_mask = torch.from_numpy(pad_rows([np.ones(len(r), bool) for r in response_rows], t_max, False, bool))
+    starts = torch.tensor([len(p) - 1 for p in prompt_rows], dtype=torch.long)  # logit that predicts response[0]
+    index = (starts[:, None] + torch.arange(t_max)[None, :]).clamp(max=width - 1)
+    return SequenceBatch(input_ids, attn, response, index, resp_mask)
+
+
+def padded_float(rows: list[np.ndarray], t_max: int, fill: float = 0.0) -> torch.Tensor:
+    return torch.from_numpy(pad_rows(rows, t_max, fill, np.float32))
+
+
+def padded_topk(rows: list[np.ndarray], t_max: int, k: int, fill) -> torch.Tensor:
+    """Flattened (T_i * k) rows -> (B, t_max, k)."""
+    dtype = np.float32 if np.issubdtype(rows[0].dtype, np.floating) else np.int64
+    out = np.full((len(rows), t_max, k), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r) // k] = r.reshape(-1, k)
+    return torch.from_numpy(out)

@@ -1,0 +1,359 @@
+"""Typed run configuration: every default lives here, once.
+
+Each section is a dataclass whose fields carry a one-line doc comment. `validate()` on a section raises
+`ConfigError` naming the bad field, its value, what is allowed and how to fix it, so that a bad run stops
+before Ray or any actor starts. Only the standard library is imported here, so that the pure loss module
+(`eopd_ray.losses`) can depend on `LossConfig` while still importing nothing heavier than torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+OBJECTIVES = ("opd", "eopd", "full_fkl", "random_fkl", "entropy_bonus", "advantage_shaping")
+FKL_NORMALIZERS = ("all_tokens", "gated_tokens")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range, of the wrong type, or unknown."""
+
+
+def _fail(path: str, value: Any, allowed: str, fix: str = "") -> None:
+    msg = f"config value {path}={value!r} is invalid: allowed {allowed}."
+    if fix:
+        msg += f" Fix: {fix}"
+    raise ConfigError(msg)
+
+
+def _check_range(path: str, value: Any, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False, integer: bool = False) -> None:
+    """Raise ConfigError unless `value` is a number (an int if `integer`) inside the given bounds."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        _fail(path, value, kind, f"set {path} to {kind}")
+    if not integer and math.isnan(value):
+        _fail(path, value, f"{kind}, not NaN")
+    bounds = []
+    if lo is not None:
+        bad = value <= lo if lo_open else value < lo
+        bounds.append(f"{'>' if lo_open else '>='} {lo}")
+        if bad:
+            _fail(path, value, f"{kind} {' and '.join(bounds)}" + (f" and {'<' if hi_open else '<='} {hi}" if hi is not None else ""))
+    if hi is not None:
+        bad = value >= hi if hi_open else value > hi
+        if bad:
+            _fail(path, value, f"{kind} {'<' if hi_open else '<='} {hi}" + (f" and {bounds[0]}" if bounds else ""))
+
+
+@dataclass
+class LossConfig:
+    """The EOPD objective and its baselines (paper eq. 8-11)."""
+
+    objective: str = "eopd"  # one of OBJECTIVES; `opd` is eq. 8 alone, `eopd` adds gated forward KL (eq. 9)
+    tau: float = 0.8  # teacher-entropy threshold (nats) above which the forward KL is switched on
+    top_k: int = 16  # teacher top-k ids kept per position for the forward KL (eq. 10)
+    clip_eps: float = 0.2  # PPO clip range of eq. 8 (the paper does not state it; 0.2 is usual)
+    fkl_coef: float = 1.0  # weight of the forward-KL term
+    renormalize: bool = True  # eq. 10 renormalises the teacher over its top-k; False = authors' code
+    fkl_normalizer: str = "all_tokens"  # divide the FKL sum by all response tokens (paper) or gated ones
+    random_fraction: float = 0.2  # `random_fkl`: fraction of positions given the forward KL
+    random_seed: int = 0  # `random_fkl`: base seed of the random gate
+    entropy_coef: float = 0.01  # `entropy_bonus`: loss -= coef * student entropy
+    shaping_alpha: float = 0.1  # `advantage_shaping` (eq. 11) alpha
+    shaping_kappa: float = 2.0  # `advantage_shaping` (eq. 11) kappa
+
+    def validate(self, prefix: str = "loss") -> None:
+        if self.objective not in OBJECTIVES:
+            _fail(f"{prefix}.objective", self.objective, "one of " + ", ".join(OBJECTIVES))
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or math.isnan(self.tau):
+            _fail(f"{prefix}.tau", self.tau, "a number (inf allowed: it turns EOPD into OPD)")
+        _check_range(f"{prefix}.top_k", self.top_k, lo=1, integer=True)
+        _check_range(f"{prefix}.clip_eps", self.clip_eps, lo=0, hi=1, lo_open=True, hi_open=True)
+        _check_range(f"{prefix}.fkl_coef", self.fkl_coef, lo=0)
+        if not isinstance(self.renormalize, bool):
+            _fail(f"{prefix}.renormalize", self.renormalize, "true or false")
+        if self.fkl_normalizer not in FKL_NORMALIZERS:
+            _fail(f"{prefix}.fkl_normalizer", self.fkl_normalizer, "one of " + ", ".join(FKL_NORMALIZERS))
+        _check_range(f"{prefix}.random_fraction", self.random_fraction, lo=0, hi=1)
+        _check_range(f"{prefix}.random_seed", self.random_seed, lo=0, integer=True)
+        _check_range(f"{prefix}.entropy_coef", self.entropy_coef, lo=0)
+        _check_range(f"{prefix}.shaping_alpha", self.shaping_alpha, lo=0, lo_open=True)
+        _check_range(f"{prefix}.shaping_kappa", self.shaping_kappa, lo=1, lo_open=True)
+
+
+@dataclass
+class ModelConfig:
+    """Which teacher and student to load. `tiny` means the project's own offline-built tiny models."""
+
+    teacher: str = "tiny"  # HF hub name or local directory of the frozen teacher, or `tiny`
+    student: str = "tiny"  # HF hub name or local directory of the student to train, or `tiny`
+    dtype: str = "float32"  # compute dtype of student training and rollouts: float32 | bfloat16
+    teacher_dtype: str = "float32"  # dtype the teacher runs in (statistics are float32 regardless)
+    trust_remote_code: bool = False  # never run model code from a hub repo unless asked
+    tiny_cache_dir: str = ""  # where the tiny models are built and cached; empty = ~/.cache/eopd_ray
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("teacher", "student"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                _fail(f"{prefix}.{name}", value, "`tiny`, a local model directory or a hub name")
+        for name in ("dtype", "teacher_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                _fail(f"{prefix}.{name}", getattr(self, name), "float32 or bfloat16")
+        if not isinstance(self.trust_remote_code, bool):
+            _fail(f"{prefix}.trust_remote_code", self.trust_remote_code, "true or false")
+
+
+@dataclass
+class DataConfig:
+    """Training and held-out prompts. Empty paths mean the embedded synthetic arithmetic task."""
+
+    train_path: str = ""  # JSONL or Parquet with a prompt and an answer per row; empty = synthetic task
+    eval_path: str = ""  # held-out problems, same format; empty = synthetic held-out split
+    prompt_key: str = "prompt"  # field holding the question text
+    answer_key: str = "answer"  # field holding the gold answer
+    num_train_problems: int = 4096  # synthetic task only: training problems generated
+    num_eval_problems: int = 64  # held-out problems used by the final evaluation
+    max_prompt_tokens: int = 64  # longer prompts are an error naming the row
+    seed: int = 1234  # data order and synthetic problems
+
+    def validate(self, prefix: str = "data") -> None:
+        _check_range(f"{prefix}.num_train_problems", self.num_train_problems, lo=1, integer=True)
+        _check_range(f"{prefix}.num_eval_problems", self.num_eval_problems, lo=1, integer=True)
+        _check_range(f"{prefix}.max_prompt_tokens", self.max_prompt_tokens, lo=1, integer=True)
+        _check_range(f"{prefix}.seed", self.seed, lo=0, integer=True)
+        for name in ("prompt_key", "answer_key"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                _fail(f"{prefix}.{name}", getattr(self, name), "a non-empty field name")
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout engines that sample responses from pi_old."""
+
+    engine: str = "transformers"  # transformers (CPU/GPU, generate with KV cache) | vllm (GPU)
+    num_workers: int = 1  # rollout actors; prompts are split evenly between them
+    temperature: float = 1.0  # sampling temperature (Table 8: 1.0)
+    top_p: float = 1.0  # nucleus sampling (Table 8: 1.0 for Qwen, 0.8 for Llama)
+    max_new_tokens: int = 40  # maximum response length in tokens
+    num_cpus: float = 0.5  # Ray CPUs reserved per rollout actor
+
+    def validate(self, prefix: str = "rollout") -> None:
+        if self.engine not in ("transformers", "vllm"):
+            _fail(f"{prefix}.engine", self.engine, "transformers or vllm")
+        _check_range(f"{prefix}.num_workers", self.num_workers, lo=1, integer=True)
+        _check_range(f"{prefix}.temperature", self.temperature, lo=0, lo_open=True)
+        _check_range(f"{prefix}.top_p", self.top_p, lo=0, hi=1, lo_open=True)
+        _check_range(f"{prefix}.max_new_tokens", self.max_new_tokens, lo=1, integer=True)
+        _check_range(f"{prefix}.num_cpus", self.num_cpus, lo=0)
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher that scores every sampled token."""
+
+    num_workers: int = 1  # teacher actors (data parallel)
+    chunk_size: int = 1024  # positions per chunk when computing full-vocabulary statistics
+    num_cpus: float = 0.5  # Ray CPUs reserved per teacher actor
+
+    def validate(self, prefix: str = "teacher") -> None:
+        _check_range(f"{prefix}.num_workers", self.num_workers, lo=1, integer=True)
+        _check_range(f"{prefix}.chunk_size", self.chunk_size, lo=1, integer=True)
+        _check_range(f"{prefix}.num_cpus", self.num_cpus, lo=0)
+
+
+@dataclass
+class TrainerConfig:
+    """Student optimisation (Algorithm 1): one step = B prompts, then B / B_mini optimizer updates."""
+
+    max_steps: int = 24  # iterations of Algorithm 1
+    batch_size: int = 32  # B: prompts per iteration, one rollout each
+    mini_batch_size: int = 8  # B_mini: prompts per optimizer update
+    lr: float = 2e-4  # AdamW peak learning rate (paper: 3e-6 for 0.6-4B students)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.0  # fraction of updates with linear warm-up before the cosine decay
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    num_ranks: int = 1  # DeepSpeed data-parallel student ranks
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    num_cpus: float = 0.5  # Ray CPUs reserved per student rank
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    seed: int = 0  # rollout sampling and random gates derive their seeds from this and the step
+
+    def validate(self, prefix: str = "trainer") -> None:
+        _check_range(f"{prefix}.max_steps", self.max_steps, lo=0, integer=True)
+        _check_range(f"{prefix}.batch_size", self.batch_size, lo=1, integer=True)
+        _check_range(f"{prefix}.mini_batch_size", self.mini_batch_size, lo=1, integer=True)
+        if self.batch_size % self.mini_batch_size:
+            _fail(f"{prefix}.mini_batch_size", self.mini_batch_size,
+                  f"a divisor of trainer.batch_size={self.batch_size}",
+                  "choose B_mini so that B / B_mini is a whole number of updates")
+        _check_range(f"{prefix}.lr", self.lr, lo=0, lo_open=True)
+        _check_range(f"{prefix}.weight_decay", self.weight_decay, lo=0)
+        _check_range(f"{prefix}.warmup_ratio", self.warmup_ratio, lo=0, hi=1, hi_open=True)
+        _check_range(f"{prefix}.min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
+        _check_range(f"{prefix}.grad_clip", self.grad_clip, lo=0)
+        _check_range(f"{prefix}.num_ranks", self.num_ranks, lo=1, integer=True)
+        if self.mini_batch_size % self.num_ranks:
+            _fail(f"{prefix}.num_ranks", self.num_ranks,
+                  f"a divisor of trainer.mini_batch_size={self.mini_batch_size}",
+                  "each rank takes an equal share of every mini-batch")
+        if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
+            _fail(f"{prefix}.zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        _check_range(f"{prefix}.num_cpus", self.num_cpus, lo=0)
+        _check_range(f"{prefix}.save_every", self.save_every, lo=0, integer=True)
+        _check_range(f"{prefix}.seed", self.seed, lo=0, integer=True)
+
+
+@dataclass
+class EvalConfig:
+    """Final evaluation of teacher, initial student and trained student on held-out problems."""
+
+    enabled: bool = True  # run the evaluation at the end of training
+    k: int = 8  # samples per problem: Avg@k and Pass@k
+    temperature: float = 1.0  # sampling temperature of the evaluation
+    top_p: float = 1.0  # nucleus sampling of the evaluation (paper: 0.8 on the real benchmarks)
+    high_entropy_threshold: float = 1.0  # a generated token counts as high-entropy at or above this
+
+    def validate(self, prefix: str = "eval") -> None:
+        if not isinstance(self.enabled, bool):
+            _fail(f"{prefix}.enabled", self.enabled, "true or false")
+        _check_range(f"{prefix}.k", self.k, lo=1, integer=True)
+        _check_range(f"{prefix}.temperature", self.temperature, lo=0, lo_open=True)
+        _check_range(f"{prefix}.top_p", self.top_p, lo=0, hi=1, lo_open=True)
+        _check_range(f"{prefix}.high_entropy_threshold", self.high_entropy_threshold, lo=0)
+
+
+@dataclass
+class RunConfig:
+    """The whole run. Sections mirror the YAML presets; override fields as `section.field=value`."""
+
+    out_dir: str = "runs/eopd-default"  # results, checkpoints, plots and the resolved config
+    ray_address: str = ""  # empty = start a local Ray on 127.0.0.1 (or join RAY_ADDRESS if set)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "RunConfig":
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            _fail("out_dir", self.out_dir, "a directory path", "pass --out DIR")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(f.name)
+        if self.trainer.mini_batch_size > self.trainer.batch_size:
+            _fail("trainer.mini_batch_size", self.trainer.mini_batch_size,
+                  f"at most trainer.batch_size={self.trainer.batch_size}")
+        if self.trainer.batch_size % self.rollout.num_workers:
+            _fail("rollout.num_workers", self.rollout.num_workers,
+                  f"a divisor of trainer.batch_size={self.trainer.batch_size}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building a RunConfig from a YAML preset and `section.field=value` overrides.
+
+
+def _coerce(path: str, raw: Any, annotation: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or fail naming the field."""
+    if annotation == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return raw.lower() in ("true", "1", "yes")
+        _fail(path, raw, "true or false")
+    if annotation == "int":
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            _fail(path, raw, "an integer")
+        try:
+            return int(raw)
+        except ValueError:
+            _fail(path, raw, "an integer")
+    if annotation == "float":
+        if isinstance(raw, bool):
+            _fail(path, raw, "a number")
+        try:
+            return float(raw)  # accepts "inf" and "1e-4", which YAML 1.1 reads as strings
+        except (TypeError, ValueError):
+            _fail(path, raw, "a number")
+    if annotation == "str":
+        if isinstance(raw, (dict, list)):
+            _fail(path, raw, "a string")
+        return "" if raw is None else str(raw)
+    return raw
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, raw in updates.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            _fail(path, raw, "known keys: " + ", ".join(f"{prefix}{k}" for k in fields),
+                  "check the spelling of the key")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(raw, dict):
+                _fail(path, raw, f"a mapping of {path}.* fields")
+            _apply(current, raw, f"{path}.")
+        else:
+            setattr(obj, key, _coerce(path, raw, str(fields[key].type)))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`loss.tau=0.5` -> (["loss", "tau"], 0.5); the value is parsed as YAML (so `inf` stays a string
+    and becomes a float only where the field is a float)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is invalid: expected section.field=value, e.g. loss.objective=opd")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """Apply `section.field=value` strings in order (not validated: call cfg.validate())."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _apply(cfg, nested)
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the YAML file at `path`, then the dotted overrides; validated before returning."""
+    import yaml
+
+    cfg = RunConfig()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist; pass an existing YAML file to --config") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(data).__name__}")
+        _apply(cfg, data)
+    apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig saved with a run (the `config` entry of results.json or config.yaml)."""
+    cfg = RunConfig()
+    _apply(cfg, data)
+    return cfg.validate()

@@ -1,0 +1,143 @@
+"""Prompt data: loading JSONL/Parquet rows with clear errors, tokenising, and a resumable sampler."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data file or row is missing, malformed, or cannot be used."""
+
+
+@dataclass
+class PromptRecord:
+    id: int
+    prompt: str  # the question as written in the data
+    answer: str  # gold answer, graded against the response
+    prompt_ids: np.ndarray  # (P,) int32 token ids of the formatted prompt
+
+
+def load_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer") -> list[dict]:
+    """Read `{prompt, answer}` rows from a .jsonl or .parquet file; errors name the file and line/row."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {str(path)!r} does not exist; set data.train_path/data.eval_path to a "
+                        "JSONL or Parquet file, or leave it empty for the built-in synthetic task")
+    rows: list[dict] = []
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for key in (prompt_key, answer_key):
+            if key not in table.column_names:
+                raise DataError(f"{path}: column {key!r} is missing (columns: {table.column_names}); "
+                                f"set data.prompt_key / data.answer_key to the right names")
+        for i, row in enumerate(table.select([prompt_key, answer_key]).to_pylist()):
+            rows.append(_check_row(row, f"{path} row {i}", prompt_key, answer_key))
+    elif path.suffix in (".jsonl", ".json"):
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+                rows.append(_check_row(row, where, prompt_key, answer_key))
+    else:
+        raise DataError(f"data file {str(path)!r} has an unknown extension {path.suffix!r}; use .jsonl or .parquet")
+    if not rows:
+        raise DataError(f"data file {str(path)!r} holds no rows")
+    return rows
+
+
+def _check_row(row: dict, where: str, prompt_key: str, answer_key: str) -> dict:
+    for key in (prompt_key, answer_key):
+        if key not in row or row[key] is None:
+            raise DataError(f"{where}: field {key!r} is missing (fields: {sorted(row)}); "
+                            f"set data.{'prompt' if key == prompt_key else 'answer'}_key to the right name")
+    prompt = row[prompt_key]
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: field {prompt_key!r} must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise DataError(f"{where}: the prompt is empty")
+    return {"id": row.get("id", None), "prompt": prompt, "answer": str(row[answer_key])}
+
+
+def synthetic_rows(n: int, seed: int, split: str) -> list[dict]:
+    """Rows of the embedded arithmetic task (eopd_ray.task)."""
+    from eopd_ray import task
+
+    return [{"id": p.id, "prompt": task.format_prompt(p), "answer": p.answer}
+            for p in task.make_problems(n, seed=seed, split=split)]
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """The teacher's chat template in non-thinking mode (paper, Appendix A) when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        kwargs = {"enable_thinking": False}
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True, **kwargs)
+    return prompt
+
+
+def tokenize_rows(rows: list[dict], tokenizer, max_prompt_tokens: int, source: str) -> list[PromptRecord]:
+    """Format and tokenise every prompt; a prompt over the limit is an error naming its row."""
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("tokenizer has no chat template: prompts from %s are used as raw text", source)
+    records = []
+    for i, row in enumerate(rows):
+        text = format_prompt(tokenizer, row["prompt"])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DataError(f"{source} row {i}: the prompt tokenises to nothing")
+        if len(ids) > max_prompt_tokens:
+            raise DataError(f"{source} row {i}: prompt has {len(ids)} tokens, over data.max_prompt_tokens="
+                            f"{max_prompt_tokens}; raise the limit or drop the row")
+        records.append(PromptRecord(id=int(row["id"]) if row.get("id") is not None else i,
+                                    prompt=row["prompt"], answer=row["answer"],
+                                    prompt_ids=np.asarray(ids, dtype=np.int32)))
+    return records
+
+
+class PromptSampler:
+    """Epoch-wise shuffled batches. Its whole state is (epoch, position), so resume is exact and does
+    not depend on how many actors consume the batches."""
+
+    def __init__(self, records: list[PromptRecord], batch_size: int, seed: int):
+        if len(records) < batch_size:
+            raise DataError(f"the data set has {len(records)} prompts, fewer than one batch "
+                            f"(trainer.batch_size={batch_size}); add data or lower the batch size")
+        self.records, self.batch_size, self.seed = records, batch_size, seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.records))
+
+    def next_batch(self) -> list[PromptRecord]:
+        # An incomplete tail is dropped so every iteration has exactly B prompts.
+        if self.position + self.batch_size > len(self.records):
+            self.epoch, self.position = self.epoch + 1, 0
+        order = self._order()[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return [self.records[i] for i in order]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

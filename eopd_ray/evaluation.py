@@ -1,0 +1,74 @@
+"""Evaluation metrics: the unbiased Pass@k estimator, Avg@k, and generated-token entropy statistics."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of P(at least one of k samples is correct) from n samples with c correct
+    (Chen et al. 2021): 1 - C(n - c, k) / C(n, k)."""
+    if not (0 <= c <= n) or not (1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    # Product form avoids huge binomials: C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i).
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def summarize_correct(correct_PN: np.ndarray, k: int) -> dict[str, float]:
+    """correct_PN: (problems, n samples) booleans -> Avg@n (mean accuracy) and Pass@k (mean over problems)."""
+    correct_PN = np.asarray(correct_PN, dtype=bool)
+    n = correct_PN.shape[1]
+    counts = correct_PN.sum(axis=1)
+    return {
+        "avg_at_k": float(correct_PN.mean()),
+        "pass_at_k": float(np.mean([pass_at_k(n, int(c), k) for c in counts])),
+        "k": int(k),
+        "num_problems": int(correct_PN.shape[0]),
+    }
+
+
+def high_entropy_fraction(entropies: list[np.ndarray], threshold: float = 1.0) -> float:
+    """Fraction of generated tokens whose own predictive entropy is >= threshold (paper Fig. 3)."""
+    flat = np.concatenate([np.asarray(e, dtype=np.float64) for e in entropies]) if entropies else np.zeros(0)
+    return float((flat >= threshold).mean()) if flat.size else 0.0
+
+
+_BOXED = re.compile(r"\\boxed\{")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, with nested braces, or None."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    i, depth = starts[-1], 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def grade_response(response: str, answer: str) -> bool:
+    """Grade a response: `\\boxed{}` answers (real benchmarks, compared after light normalisation), else
+    the synthetic task's final-answer marker."""
+    boxed = last_boxed(response)
+    if boxed is not None:
+        return _normalize(boxed) == _normalize(answer)
+    from eopd_ray import task
+
+    return task.grade(response, answer)
+
+
+def _normalize(s: str) -> str:
+    s = s.strip().replace(" ", "").rstrip(".")
+    try:
+        x = float(s)
+        return str(int(x)) if math.isfinite(x) and x == int(x) else repr(x)
+    except ValueError:
+        return s

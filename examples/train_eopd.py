@@ -1,0 +1,236 @@
+"""Entropy-Aware On-Policy Distillation on Ray (Algorithm 1 of Jin et al. 2026).
+
+    python examples/train_eopd.py                                  # embedded default: tiny models, CPU
+    python examples/train_eopd.py loss.objective=opd --out runs/opd
+    python examples/train_eopd.py --config examples/configs/default.yaml trainer.max_steps=3
+    python examples/train_eopd.py --resume runs/eopd-default        # continue the last checkpoint
+
+Build (config, models, data: all checked before Ray starts) -> loop (generate, score, train, sync, log,
+checkpoint) -> evaluate teacher / initial student / trained student -> results.json and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import ray  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from actors.build import ResolvedModels, build_rollouts, build_students, build_teachers, init_ray  # noqa: E402
+from actors.rollout import SamplingParams  # noqa: E402
+from actors.weight_sync import ObjectStoreWeightSync  # noqa: E402
+from eopd_ray import checkpoint  # noqa: E402
+from eopd_ray.config import ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402
+from eopd_ray.data import DataError, PromptSampler, load_rows, synthetic_rows, tokenize_rows  # noqa: E402
+from eopd_ray.evaluation import summarize_correct  # noqa: E402
+from eopd_ray.models import load_tokenizer, output_rows  # noqa: E402
+from eopd_ray.plots import entropy_histograms, training_curves  # noqa: E402
+from eopd_ray.run_io import MetricsLog, OutputDirError, check_out_dir, save_config, write_results  # noqa: E402
+from eopd_ray.vocab import VocabMismatchError, shared_vocab_size  # noqa: E402
+
+KEEP_CHECKPOINTS = 2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.objective=opd trainer.max_steps=3")
+    p.add_argument("--config", help="YAML preset (see examples/configs/)")
+    p.add_argument("--out", help="output directory (overrides out_dir)")
+    p.add_argument("--resume", help="run directory (or checkpoint) to continue from")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
+    return p.parse_args(argv)
+
+
+def resolve_config(args):
+    if args.resume and not args.config and (Path(args.resume) / "config.json").exists():
+        saved = json.loads((Path(args.resume) / "config.json").read_text())
+        cfg = apply_overrides(config_from_dict(saved), args.overrides)  # the saved run, then the CLI
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.out:
+        cfg.out_dir = args.out
+    elif args.resume:
+        cfg.out_dir = args.resume
+    return cfg.validate()
+
+
+def resolve_models(cfg) -> ResolvedModels:
+    teacher, student = cfg.model.teacher, cfg.model.student
+    if "tiny" in (teacher, student):
+        from eopd_ray.tiny_models import ensure_tiny_models
+
+        tiny_teacher, tiny_student = ensure_tiny_models(cache_dir=cfg.model.tiny_cache_dir or None)
+        teacher = tiny_teacher if teacher == "tiny" else teacher
+        student = tiny_student if student == "tiny" else student
+    trc = cfg.model.trust_remote_code
+    t_tok, s_tok = load_tokenizer(teacher, trc), load_tokenizer(student, trc)
+    vocab = shared_vocab_size(t_tok, s_tok, output_rows(teacher, trc), output_rows(student, trc))
+    return ResolvedModels(str(teacher), str(student), vocab, s_tok.pad_token_id), s_tok
+
+
+def load_data(cfg, tokenizer):
+    d = cfg.data
+    train = load_rows(d.train_path, d.prompt_key, d.answer_key) if d.train_path else \
+        synthetic_rows(d.num_train_problems, d.seed, "train")
+    held = load_rows(d.eval_path, d.prompt_key, d.answer_key) if d.eval_path else \
+        synthetic_rows(d.num_eval_problems, d.seed, "test")
+    train_recs = tokenize_rows(train, tokenizer, d.max_prompt_tokens, d.train_path or "synthetic train split")
+    eval_recs = tokenize_rows(held[:d.num_eval_problems], tokenizer, d.max_prompt_tokens,
+                              d.eval_path or "synthetic test split")
+    return PromptSampler(train_recs, cfg.trainer.batch_size, d.seed), eval_recs
+
+
+def find_checkpoint(resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    path = Path(resume)
+    ckpt = path if checkpoint.is_complete(path) else checkpoint.latest(path / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint found (looked for {path}/checkpoints/"
+                                "step_*/MANIFEST.json); start without --resume or point at a run directory")
+    return ckpt
+
+
+def save_checkpoint(out_dir: Path, step: int, students, sampler) -> Path:
+    root = out_dir / "checkpoints"
+    tmp = checkpoint.begin(root, step)
+    try:
+        students.run("save", str(tmp))
+        checkpoint.write_json_atomic(tmp / "driver_state.json", {"step": step, "sampler": sampler.state_dict()})
+        final = checkpoint.commit(tmp, step, meta={"student_hf": "hf"})
+    except BaseException:
+        checkpoint.abort(tmp)
+        raise
+    done = sorted((p for p in root.glob("step_*") if checkpoint.is_complete(p)), key=lambda p: p.name)
+    for old in done[:-KEEP_CHECKPOINTS]:
+        checkpoint.abort(old)
+    return final
+
+
+def evaluate(cfg, rollouts, eval_recs, model_path: str | None, seed: int) -> dict:
+    """k samples per held-out problem on the rollout workers (optionally loading another model first)."""
+    n = len(rollouts)
+    shards = [eval_recs[i::n] for i in range(n)]
+    params = SamplingParams(cfg.eval.temperature, cfg.eval.top_p, cfg.rollout.max_new_tokens, seed)
+    parts = ray.get([a.evaluate.remote([r.prompt_ids for r in s], [r.answer for r in s], cfg.eval.k, params,
+                                       cfg.eval.high_entropy_threshold, model_path)
+                     for a, s in zip(rollouts.actors, shards)])
+    import numpy as np
+
+    correct = np.concatenate([p["correct"] for p in parts])
+    tokens = sum(p["num_tokens"] for p in parts)
+    out = summarize_correct(correct, cfg.eval.k)
+    out["high_entropy_fraction"] = sum(p["high_entropy_fraction"] * p["num_tokens"] for p in parts) / max(tokens, 1)
+    out["entropy_hist"] = np.sum([p["entropy_hist"] for p in parts], axis=0).tolist()
+    out["entropy_edges"] = parts[0]["entropy_edges"]
+    out["samples"] = parts[0]["samples"]
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # ---- build: everything that can be wrong is checked before Ray starts ----------------------------
+    try:
+        cfg = resolve_config(args)
+        if args.dry_run:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        ckpt = find_checkpoint(args.resume)
+        out_dir = check_out_dir(cfg.out_dir)
+        models, tokenizer = resolve_models(cfg)
+        sampler, eval_recs = load_data(cfg, tokenizer)
+    except (ConfigError, DataError, VocabMismatchError, OutputDirError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
+    save_config(cfg, out_dir)
+    start_step = 0
+    if ckpt is not None:
+        state = json.loads((ckpt / "driver_state.json").read_text())
+        start_step = state["step"]
+        sampler.load_state_dict(state["sampler"])
+        print(f"resuming from {ckpt} at step {start_step}")
+    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step if ckpt else None)
+
+    init_ray(cfg.ray_address)
+    t_build = time.perf_counter()
+    rollouts, teachers = build_rollouts(cfg, models), build_teachers(cfg, models)
+    students = build_students(cfg, models)
+    sync = ObjectStoreWeightSync(students, rollouts)
+    if ckpt is not None:
+        students.run("load", str(ckpt))
+        sync.sync()
+    ray.get(rollouts.call("ping") + teachers.call("ping"))
+    print(f"actors ready in {time.perf_counter() - t_build:.1f} s: {len(rollouts)} rollout, "
+          f"{len(teachers)} teacher, {len(students)} student rank(s)")
+
+    # ---- loop: generate -> score -> train -> sync -> log ------------------------------------------------
+    t = cfg.trainer
+    per_worker = t.batch_size // len(rollouts)
+    bar = tqdm(range(start_step, t.max_steps), initial=start_step, total=t.max_steps, desc="EOPD", unit="step")
+    for step in bar:
+        t0 = time.perf_counter()
+        prompts = sampler.next_batch()
+        shards = [prompts[i * per_worker:(i + 1) * per_worker] for i in range(len(rollouts))]
+        roll = [a.rollout.options(num_returns=2).remote(
+            [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
+            SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
+                           seed=t.seed * 1_000_003 + step * 1009 + i))
+            for i, (a, s) in enumerate(zip(rollouts.actors, shards))]
+        rollout_refs = [r[0] for r in roll]
+        rollout_stats = ray.get([r[1] for r in roll])
+        t1 = time.perf_counter()
+        scored = [teachers.actors[i % len(teachers)].score.options(num_returns=2).remote(ref)
+                  for i, ref in enumerate(rollout_refs)]
+        teacher_refs = [s[0] for s in scored]
+        teacher_stats = ray.get([s[1] for s in scored])  # the payload itself stays in the object store
+        t2 = time.perf_counter()
+        train_metrics = students.run("train_step", step, len(rollout_refs), *rollout_refs, *teacher_refs)[0]
+        t3 = time.perf_counter()
+        sync_metrics = sync.sync()
+        row = {"step": step + 1, **train_metrics, **sync_metrics}
+        for key in rollout_stats[0]:
+            row[key] = sum(s[key] for s in rollout_stats) / len(rollout_stats)
+        for key in teacher_stats[0]:
+            row[key] = sum(s[key] for s in teacher_stats) / len(teacher_stats)
+        row.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/train_phase": t3 - t2,
+                    "time/step": time.perf_counter() - t0})
+        log.append(row)
+        bar.set_postfix({"loss": f"{row['loss/total']:.3f}", "acc": f"{row['rollout/accuracy']:.2f}",
+                         "gate": f"{row['gate/fraction']:.2f}", "H_s": f"{row['student/entropy']:.2f}"})
+        tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in row.items() if not k.startswith("time/")
+                            and k != "step") + f"  [step {step + 1}, {row['time/step']:.1f}s]")
+        if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 == t.max_steps:
+            save_checkpoint(out_dir, step + 1, students, sampler)
+
+    # ---- evaluate teacher, initial and trained student; write results ----------------------------------
+    eval_results = {}
+    if cfg.eval.enabled:
+        seed = t.seed + 777
+        eval_results["student"] = evaluate(cfg, rollouts, eval_recs, None, seed)
+        eval_results["student_initial"] = evaluate(cfg, rollouts, eval_recs, models.student_path, seed)
+        eval_results["teacher"] = evaluate(cfg, rollouts, eval_recs, models.teacher_path, seed)
+        for name, res in eval_results.items():
+            print(f"eval {name:16s} Avg@{res['k']}={res['avg_at_k']:.3f} Pass@{res['k']}={res['pass_at_k']:.3f} "
+                  f"high-entropy tokens={100 * res['high_entropy_fraction']:.1f}%")
+        entropy_histograms(eval_results, out_dir / "entropy_hist.png", cfg.eval.high_entropy_threshold)
+    if log.rows:
+        training_curves(log.rows, out_dir / "training_curves.png", f"{cfg.loss.objective} on {cfg.model.student}")
+    path = write_results(out_dir, cfg, log.rows, eval_results)
+    print(f"wrote {path}")
+
+    # ---- clean up -------------------------------------------------------------------------------------
+    for group in (rollouts, teachers, students):
+        group.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
