@@ -1,0 +1,81 @@
+"""Config defaults, YAML presets, dotted overrides and up-front validation."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from eopd_ray.config import ConfigError, LossConfig, RunConfig, config_from_dict, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.yaml"))
+
+
+def test_defaults_validate_and_match_the_paper():
+    cfg = load_config()
+    assert (cfg.loss.objective, cfg.loss.tau, cfg.loss.top_k, cfg.loss.clip_eps) == ("eopd", 0.8, 16, 0.2)
+    assert cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["loss.objective=opd", "trainer.max_steps=3", "loss.tau=inf", "loss.renormalize=false",
+                             "trainer.lr=1e-4"])
+    assert cfg.loss.objective == "opd" and cfg.trainer.max_steps == 3
+    assert math.isinf(cfg.loss.tau) and cfg.loss.renormalize is False and cfg.trainer.lr == 1e-4
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("loss.objective=bad", "loss.objective='bad'"),
+    ("loss.tau=abc", "loss.tau"),
+    ("loss.top_k=0", "loss.top_k=0"),
+    ("loss.clip_eps=1.5", "loss.clip_eps=1.5"),
+    ("trainer.mini_batch_size=7", "trainer.mini_batch_size=7"),
+    ("trainer.zero_stage=4", "trainer.zero_stage=4"),
+    ("trainer.max_steps=2.5", "trainer.max_steps"),
+    ("rollout.top_p=0", "rollout.top_p=0"),
+    ("rollout.num_workers=3", "rollout.num_workers=3"),
+    ("model.dtype=fp8", "model.dtype='fp8'"),
+    ("loss.nope=1", "loss.nope"),
+    ("nosection.x=1", "nosection"),
+    ("trainer=3", "trainer"),
+    ("loss.renormalize=maybe", "loss.renormalize"),
+])
+def test_bad_values_name_the_field(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)
+    assert "allowed" in str(err.value)
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(None, ["loss.objective"])
+
+
+def test_missing_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["loss.objective=random_fkl", "trainer.batch_size=16", "trainer.mini_batch_size=4"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg and isinstance(again, RunConfig)
+
+
+def test_loss_config_rejects_bad_objective_directly():
+    with pytest.raises(ConfigError, match="'bad'"):
+        LossConfig(objective="bad").validate()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_preset_parses(path):
+    cfg = load_config(str(path))
+    assert cfg.trainer.batch_size % cfg.trainer.mini_batch_size == 0
+
+
+def test_presets_exist():
+    assert CONFIGS, "examples/configs/ ships at least one preset"
