@@ -89,7 +89,7 @@ class TransformersEngine(RolloutEngine):
         ids = torch.full((len(prompt_ids), width), tok.pad_token_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompt_ids):  # left padding, as decoder-only generation needs
-            ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            ids[i, width - len(p):] = torch.from_numpy(np.array(p, dtype=np.int64))
             attn[i, width - len(p):] = 1
         res = self.model.generate(
             input_ids=ids, attention_mask=attn, do_sample=True, temperature=params.temperature,

@@ -25,7 +25,9 @@ from eopd_ray.losses import TokenStats, eopd_loss
 from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
 
 # Metrics that are already normalised by the global token count: they add up over ranks.
-_SUMMED = ("loss/total", "loss/pg", "loss/fkl", "loss/entropy_bonus")
+_SUMMED = ("loss/total", "loss/pg", "loss/fkl", "loss/entropy")
+# Means over a subset of tokens are weighted by that subset's count; all other means by masked tokens.
+_WEIGHTS = {"fkl/gated_mean": "tokens/gated", "fkl/high_entropy_mean": "tokens/high_entropy"}
 
 
 def cosine_schedule(total_updates: int, warmup_ratio: float, min_lr_ratio: float):
@@ -149,9 +151,14 @@ class StudentTrainer:
         loss, metrics = eopd_loss(logits_BTV, batch.response_BT, old_logprobs_BT, teacher_stats,
                                   batch.response_mask_BT, self.loss_cfg, num_tokens=num_tokens, generator=gen)
         self.engine.backward(loss * self.world_size)
+        # Stage 0 keeps full gradients on the parameters and DeepSpeed does not report their norm there.
+        manual_norm = None
+        if self.trainer.zero_stage == 0:
+            grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+            manual_norm = float(torch.stack(grads).norm()) if grads else 0.0
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
-        metrics["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        metrics["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else (manual_norm or 0.0)
         metrics["optim/lr"] = float(self.engine.get_lr()[0])
         # Per-token means are re-weighted by this call's token count (gated count for gated means).
         weighted = {}
@@ -160,7 +167,7 @@ class StudentTrainer:
             if key in _SUMMED or key.startswith("tokens/") or key.startswith("optim/"):
                 weighted[key] = float(value)
             else:
-                w = float(metrics.get("tokens/gated", 0.0)) if key == "fkl/gated_mean" else n
+                w = float(metrics[_WEIGHTS[key]]) if key in _WEIGHTS else n
                 weighted[key] = float(value) * w
                 weighted[f"_w/{key}"] = w
         return weighted

@@ -1,0 +1,40 @@
+"""Shared fixtures: very small offline-built models (seconds to build), and Ray kept on loopback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Tests and CI stay on 127.0.0.1 and need no Ray token.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def test_models_config():
+    from eopd_ray.tiny_models import TinyModelSpec, TinyModelsConfig
+
+    return TinyModelsConfig(
+        teacher=TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, steps=40, lr=3e-3, traces="all"),
+        student=TinyModelSpec(hidden_size=32, num_layers=1, num_heads=2, steps=15, lr=3e-3, traces="canonical"),
+        batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_cache):
+    """(teacher_dir, student_dir) of a deliberately undertrained pair: fast to build, same tokenizer."""
+    from eopd_ray.tiny_models import ensure_tiny_models
+
+    teacher, student = ensure_tiny_models(cache_dir=tiny_cache, cfg=test_models_config(), progress=False)
+    return str(teacher), str(student)

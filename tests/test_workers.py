@@ -1,0 +1,170 @@
+"""The plain worker classes under the Ray actors, run directly in this process (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actors.rollout import RolloutWorker, SamplingParams
+from actors.student import StudentTrainer, free_port
+from actors.teacher import TeacherScorer
+from eopd_ray.batch import ROLLOUT_SCHEMA, TEACHER_SCHEMA, list_rows, payload_bytes_per_position, sequence_batch
+from eopd_ray.config import load_config
+from eopd_ray.data import synthetic_rows, tokenize_rows
+from eopd_ray.losses import TokenStats, eopd_loss
+from eopd_ray.models import load_causal_lm, load_tokenizer
+
+K = 16
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models):
+    teacher_dir, student_dir = tiny_models
+    tok = load_tokenizer(student_dir)
+    recs = tokenize_rows(synthetic_rows(16, 3, "train"), tok, 64, "synthetic")
+    worker = RolloutWorker(student_dir, vocab_size=len(tok), num_threads=2)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=24, seed=11)
+    table, stats = worker.rollout([r.id for r in recs], [r.prompt_ids for r in recs], [r.answer for r in recs], params)
+    return dict(teacher=teacher_dir, student=student_dir, tok=tok, recs=recs, worker=worker, params=params,
+                table=table, stats=stats)
+
+
+def _reference_logprobs(model_dir, table, vocab, dtype=torch.float64):
+    """Teacher-forced full-vocabulary float64 log-probs of the sampled tokens, row by row (no padding)."""
+    model = load_causal_lm(model_dir).to(dtype).eval()
+    out = []
+    for p, r in zip(list_rows(table.column("prompt_ids")), list_rows(table.column("response_ids"))):
+        ids = torch.tensor(np.concatenate([p, r]), dtype=torch.long)[None]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(p) - 1:len(p) + len(r) - 1, :vocab].to(torch.float64)
+        logp = torch.log_softmax(logits, -1)
+        out.append((logp, torch.as_tensor(r, dtype=torch.long)))
+    return out
+
+
+def test_rollout_payload_and_behaviour_logprobs(setup):
+    table, tok = setup["table"], setup["tok"]
+    assert table.schema == ROLLOUT_SCHEMA and table.num_rows == len(setup["recs"])
+    responses = list_rows(table.column("response_ids"))
+    for r in responses:
+        assert 1 <= len(r) <= 24
+        eos = np.flatnonzero(r == tok.eos_token_id)
+        assert len(eos) == 0 or eos[0] == len(r) - 1  # nothing kept after EOS
+    ref = _reference_logprobs(setup["student"], table, len(tok))
+    for (logp, r), lp, ent in zip(ref, list_rows(table.column("logprobs")), list_rows(table.column("entropy"))):
+        np.testing.assert_allclose(lp, logp.gather(-1, r[:, None])[:, 0].numpy(), atol=2e-4)
+        np.testing.assert_allclose(ent, -(logp.exp() * logp).sum(-1).numpy(), atol=2e-4)
+
+
+def test_rollout_is_seeded(setup):
+    w, recs, params = setup["worker"], setup["recs"], setup["params"]
+    again, _ = w.rollout([r.id for r in recs], [r.prompt_ids for r in recs], [r.answer for r in recs], params)
+    assert again.column("response_ids").to_pylist() == setup["table"].column("response_ids").to_pylist()
+    params2 = SamplingParams(1.0, 1.0, 24, seed=12)
+    other, _ = w.rollout([r.id for r in recs], [r.prompt_ids for r in recs], [r.answer for r in recs], params2)
+    assert other.column("response_ids").to_pylist() != setup["table"].column("response_ids").to_pylist()
+
+
+def test_teacher_scores_match_full_vocabulary_reference(setup):
+    tok = setup["tok"]
+    scorer = TeacherScorer(setup["teacher"], top_k=K, vocab_size=len(tok), pad_id=tok.pad_token_id, chunk_size=7,
+                           max_batch=5)
+    scored, stats = scorer.score(setup["table"])
+    assert scored.schema == TEACHER_SCHEMA
+    assert scored.column("sample_id").to_pylist() == setup["table"].column("sample_id").to_pylist()
+    assert payload_bytes_per_position(scored) == 8 * K + 8
+    ref = _reference_logprobs(setup["teacher"], setup["table"], len(tok))
+    rows = zip(ref, *(list_rows(scored.column(c)) for c in ("teacher_logprobs", "teacher_entropy", "topk_ids",
+                                                                "topk_logprobs")))
+    for (logp, r), lp, ent, ids, tlp in rows:
+        np.testing.assert_allclose(lp, logp.gather(-1, r[:, None])[:, 0].numpy(), atol=2e-5)
+        np.testing.assert_allclose(ent, -(logp.exp() * logp).sum(-1).numpy(), atol=2e-5)
+        ids, tlp = ids.reshape(-1, K), tlp.reshape(-1, K)
+        assert ids.max() < len(tok)
+        np.testing.assert_allclose(tlp, logp.gather(-1, torch.as_tensor(ids, dtype=torch.long)).numpy(), atol=2e-5)
+        ref_top = torch.sort(logp, dim=-1, descending=True).values[:, :K].numpy()
+        np.testing.assert_allclose(tlp, ref_top, atol=2e-5)  # the k largest, in descending order
+
+
+@pytest.fixture(scope="module")
+def trainer(setup):
+    cfg = load_config(None, ["trainer.batch_size=16", "trainer.mini_batch_size=16", "trainer.max_steps=3",
+                             "trainer.lr=1e-3"])
+    tok = setup["tok"]
+    tr = StudentTrainer(setup["student"], cfg.trainer, cfg.loss, rank=0, world_size=1, vocab_size=len(tok),
+                        pad_id=tok.pad_token_id)
+    tr.setup("127.0.0.1", free_port())
+    scorer = TeacherScorer(setup["teacher"], top_k=K, vocab_size=len(tok), pad_id=tok.pad_token_id)
+    scored, _ = scorer.score(setup["table"])
+    return tr, cfg, scored
+
+
+def test_train_step_loss_equals_eopd_loss_and_updates(setup, trainer):
+    tr, cfg, scored = trainer
+    table, tok = setup["table"], setup["tok"]
+    model = load_causal_lm(setup["student"]).eval()
+    before = {k: v.clone() for k, v in tr.engine.module.state_dict().items()}
+    batch = sequence_batch(list_rows(table.column("prompt_ids")), list_rows(table.column("response_ids")),
+                           tok.pad_token_id)
+    t_max = batch.response_BT.shape[1]
+
+    def pad(col, fill=0.0):
+        rows = list_rows(scored.column(col) if col in scored.column_names else table.column(col))
+        width = t_max * (K if col.startswith("topk") else 1)
+        out = np.full((len(rows), width), fill, dtype=rows[0].dtype)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
+        t = torch.from_numpy(out)
+        return t.view(len(rows), t_max, K) if col.startswith("topk") else t
+
+    teacher = TokenStats(pad("teacher_logprobs"), pad("teacher_entropy"), pad("topk_logprobs"),
+                         pad("topk_ids", 0).long())
+    logits = model(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL).logits
+    logits = logits.gather(1, batch.logit_index_BT[..., None].expand(-1, -1, logits.shape[-1]))[..., :len(tok)]
+    loss, ref = eopd_loss(logits, batch.response_BT, pad("logprobs"), teacher, batch.response_mask_BT, cfg.loss)
+    metrics = tr.train_step(0, 1, table, scored)
+    assert metrics["loss/total"] == pytest.approx(float(loss), rel=1e-4, abs=1e-6)
+    for key in ("gate/fraction", "teacher/entropy", "student/entropy", "kl/reverse", "fkl/gated_mean"):
+        assert metrics[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+    assert metrics["train/tokens"] == batch.num_tokens
+    after = tr.engine.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_weight_sync_reaches_the_rollout_engine(setup, trainer):
+    tr, _, _ = trainer
+    worker, tok = setup["worker"], setup["tok"]
+    weights = tr.export_weights()
+    assert all(isinstance(v, np.ndarray) for v in weights.values())
+    worker.update_weights(weights)
+    table, _ = worker.rollout([r.id for r in setup["recs"]], [r.prompt_ids for r in setup["recs"]],
+                              [r.answer for r in setup["recs"]], setup["params"])
+    # The synced engine's behaviour log-probs equal the trainer model's own, teacher-forced.
+    model = tr.engine.module.eval()
+    for p, r, lp in zip(list_rows(table.column("prompt_ids")), list_rows(table.column("response_ids")),
+                        list_rows(table.column("logprobs"))):
+        ids = torch.tensor(np.concatenate([p, r]), dtype=torch.long)[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(p) - 1:-1, :len(tok)].double(), -1)
+        np.testing.assert_allclose(lp, logp.gather(-1, torch.as_tensor(r, dtype=torch.long)[:, None])[:, 0], atol=2e-4)
+    worker.load_model(setup["student"])  # leave the shared worker as other tests expect it
+
+
+def test_checkpoint_round_trip(setup, trainer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tr, cfg, scored = trainer
+    tr.save(str(tmp_path))
+    assert (tmp_path / "hf" / "model.safetensors").exists() and not list((tmp_path / "hf").glob("*.bin"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    for k, v in tr.engine.module.state_dict().items():
+        assert torch.equal(hf.state_dict()[k], v), k
+    saved = {k: v.clone() for k, v in tr.engine.module.state_dict().items()}
+    lr_saved = tr.engine.get_lr()[0]
+    tr.train_step(1, 1, setup["table"], scored)  # move away from the checkpoint
+    assert tr.engine.get_lr()[0] != lr_saved
+    tr.load(str(tmp_path))
+    for k, v in tr.engine.module.state_dict().items():
+        assert torch.equal(saved[k], v), k
+    assert tr.engine.get_lr()[0] == pytest.approx(lr_saved)
