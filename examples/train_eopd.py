@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--config", help="YAML preset (see examples/configs/)")
     p.add_argument("--out", help="output directory (overrides out_dir)")
     p.add_argument("--resume", help="run directory (or checkpoint) to continue from")
+    p.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="checkpoint and stop after step N as if interrupted (resume later with --resume)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     return p.parse_args(argv)
 
@@ -206,12 +208,17 @@ def main(argv=None) -> int:
                          "gate": f"{row['gate/fraction']:.2f}", "H_s": f"{row['student/entropy']:.2f}"})
         tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in row.items() if not k.startswith("time/")
                             and k != "step") + f"  [step {step + 1}, {row['time/step']:.1f}s]")
-        if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 == t.max_steps:
+        stop_now = args.stop_after and step + 1 >= args.stop_after
+        if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 == t.max_steps or stop_now:
             save_checkpoint(out_dir, step + 1, students, sampler)
+        if stop_now:
+            print(f"stopping after step {step + 1} (--stop-after); continue with --resume {out_dir}")
+            break
+    interrupted = bool(args.stop_after) and args.stop_after < t.max_steps
 
     # ---- evaluate teacher, initial and trained student; write results ----------------------------------
     eval_results = {}
-    if cfg.eval.enabled:
+    if cfg.eval.enabled and not interrupted:
         seed = t.seed + 777
         eval_results["student"] = evaluate(cfg, rollouts, eval_recs, None, seed)
         eval_results["student_initial"] = evaluate(cfg, rollouts, eval_recs, models.student_path, seed)
@@ -222,8 +229,8 @@ def main(argv=None) -> int:
         entropy_histograms(eval_results, out_dir / "entropy_hist.png", cfg.eval.high_entropy_threshold)
     if log.rows:
         training_curves(log.rows, out_dir / "training_curves.png", f"{cfg.loss.objective} on {cfg.model.student}")
-    path = write_results(out_dir, cfg, log.rows, eval_results)
-    print(f"wrote {path}")
+    if not interrupted:
+        print(f"wrote {write_results(out_dir, cfg, log.rows, eval_results)}")
 
     # ---- clean up -------------------------------------------------------------------------------------
     for group in (rollouts, teachers, students):

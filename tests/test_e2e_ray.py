@@ -1,0 +1,144 @@
+"""End to end through Ray on CPU with tiny models: the main job, resume, several ranks, `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_eopd.py"
+pytestmark = pytest.mark.e2e
+
+SMALL = ["trainer.batch_size=8", "trainer.mini_batch_size=4", "rollout.max_new_tokens=24",
+         "data.num_train_problems=64", "data.num_eval_problems=6", "eval.k=2"]
+
+
+def run_job(tmp_out, tiny_models, *args, check=True, timeout=600):
+    teacher, student = tiny_models
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_out), f"model.teacher={teacher}",
+           f"model.student={student}", *SMALL, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_eopd.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    ckpts = sorted((out_dir / "checkpoints").glob("step_*"))
+    return load_file(str(ckpts[-1] / "hf" / "model.safetensors"))
+
+
+def test_two_iterations_write_everything(tmp_path, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    proc = run_job(out, tiny_models, "trainer.max_steps=2", "rollout.num_workers=2")
+    results = json.loads((out / "results.json").read_text())
+    assert results["train"]["steps_done"] == 2 and len(results["train"]["metrics"]) == 2
+    row = results["train"]["metrics"][0]
+    for key in ("loss/total", "loss/pg", "loss/fkl", "gate/fraction", "teacher/entropy", "student/entropy",
+                "fkl/gated_mean", "rollout/accuracy", "time/rollout", "time/score", "time/train", "time/sync"):
+        assert key in row and np.isfinite(row[key]), key
+    assert results["config"]["loss"]["objective"] == "eopd"
+    for name in ("teacher", "student_initial", "student"):
+        ev = results["eval"][name]
+        assert ev["k"] == 2 and 0 <= ev["avg_at_k"] <= ev["pass_at_k"] <= 1
+        assert 0 <= ev["high_entropy_fraction"] <= 1
+    ckpt = sorted((out / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpt] == ["step_000002"] and (ckpt[0] / "MANIFEST.json").exists()
+    AutoModelForCausalLM.from_pretrained(ckpt[0] / "hf")  # HF format, safetensors
+    for png in ("training_curves.png", "entropy_hist.png"):
+        assert (out / png).stat().st_size > 10_000
+    assert (out / "config.yaml").exists()
+    assert "resolved config" in proc.stdout and "EOPD" in proc.stderr  # printed config, progress bar
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_models):
+    args = ["trainer.max_steps=4", "eval.enabled=false"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_job(full, tiny_models, *args)
+    run_job(part, tiny_models, *args, "--stop-after", "2")
+    assert not (part / "results.json").exists()
+    assert sorted(p.name for p in (part / "checkpoints").glob("step_*")) == ["step_000002"]
+    proc = run_job(part, tiny_models, "--resume", str(part))
+    assert "resuming from" in proc.stdout and "step 2" in proc.stdout
+    a = json.loads((full / "results.json").read_text())["train"]["metrics"]
+    b = json.loads((part / "results.json").read_text())["train"]["metrics"]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("loss/total", "loss/fkl", "rollout/response_length", "optim/lr", "gate/fraction"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+    wa, wb = final_weights(full), final_weights(part)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+
+
+def test_two_student_ranks_zero2_match_one_rank(tmp_path, tiny_models):
+    common = ["trainer.max_steps=1", "eval.enabled=false", "trainer.lr=1e-3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_job(one, tiny_models, *common)
+    run_job(two, tiny_models, *common, "trainer.num_ranks=2", "trainer.zero_stage=2")
+    a = json.loads((one / "results.json").read_text())["train"]["metrics"][0]
+    b = json.loads((two / "results.json").read_text())["train"]["metrics"][0]
+    for key in ("loss/total", "loss/pg", "loss/fkl", "gate/fraction", "student/entropy", "train/tokens"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    assert b["optim/grad_norm"] == pytest.approx(a["optim/grad_norm"], rel=1e-4)
+    wa, wb = final_weights(one), final_weights(two)
+    diffs = [float((wa[k] - wb[k]).abs().max()) for k in wa]
+    assert max(diffs) < 1e-5
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_local_head(tmp_path, tiny_models):
+    ray_bin = Path(sys.executable).parent / "ray"
+    if not ray_bin.exists():
+        ray_bin = "ray"
+    port, dash = _free_port(), _free_port()
+    env = _env()
+    start = subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8",
+                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        teacher, student = tiny_models
+        out = tmp_path / "job"
+        cmd = [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
+               sys.executable, str(SCRIPT), "--out", str(out), f"model.teacher={teacher}",
+               f"model.student={student}", *SMALL, "trainer.max_steps=1", "eval.enabled=false"]
+        deadline = time.time() + 60
+        while True:  # the job server needs a moment after `ray start`
+            job = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+            if job.returncode == 0 or time.time() > deadline or "succeeded" in job.stdout:
+                break
+            if "Connection" not in job.stderr + job.stdout:
+                break
+            time.sleep(3)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout
+        results = json.loads((out / "results.json").read_text())
+        assert results["train"]["steps_done"] == 1
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
