@@ -27,15 +27,22 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    os.environ.update({k: v for k, v in env.items() if k not in os.environ})
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         # Logical CPUs: our actors run phase after phase, so they may share the physical cores.
+        # Binding to loopback needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set before `import ray` (the
+        # example script does this); the node address alone is not enough.
         ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+                 runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "DS_ACCELERATOR": "cpu"}}
+                 if not _has_cuda() else None)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _threads(cfg: RunConfig) -> int:

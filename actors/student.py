@@ -68,8 +68,11 @@ class StudentTrainer:
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        if not torch.cuda.is_available():
+            # DeepSpeed JIT-compiles a shared-memory all-reduce (45-90 s on 2 cores) that only its
+            # inference path uses; training all-reduces go through gloo, so mark the op unavailable.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not dist.is_initialized():
-            # Our own gloo group: DeepSpeed reuses it and skips its JIT-compiled shared-memory backend.
             dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
                                     init_method=f"tcp://{master_addr}:{master_port}")
         model = load_causal_lm(self.model_path, "float32", self.trust_remote_code)
@@ -209,7 +212,7 @@ class StudentTrainer:
         state = self._full_state()
         if self.rank == 0:
             hf_dir = ckpt / "hf"
-            self.engine.module.save_pretrained(str(hf_dir), state_dict=state, safe_serialization=True)
+            self.engine.module.save_pretrained(str(hf_dir), state_dict=state)  # safetensors in transformers 5
             self.tokenizer.save_pretrained(str(hf_dir))
         return True
 

@@ -38,3 +38,17 @@ def tiny_models(tiny_cache):
 
     teacher, student = ensure_tiny_models(cache_dir=tiny_cache, cfg=test_models_config(), progress=False)
     return str(teacher), str(student)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--e2e", action="store_true", default=False,
+                     help="also run the end-to-end tier (Ray, DeepSpeed, tiny models; a few minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--e2e"):
+        return
+    skip = pytest.mark.skip(reason="end-to-end tier: run with `pytest --e2e` (CI does)")
+    for item in items:
+        if "e2e" in item.keywords:
+            item.add_marker(skip)
