@@ -9,7 +9,7 @@ import ray
 
 from actors.group import ActorGroup
 from actors.remote import RolloutActor, StudentActor, TeacherActor
-from eopd_ray.config import RunConfig
+from eopd_ray.config import OFF_POLICY_OBJECTIVES, RunConfig
 
 
 @dataclass
@@ -50,8 +50,10 @@ def _threads(cfg: RunConfig) -> int:
 
 
 def build_rollouts(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
+    # Off-policy KD learns from the teacher's own samples: its rollout workers hold the teacher.
+    path = models.teacher_path if cfg.loss.objective in OFF_POLICY_OBJECTIVES else models.student_path
     return ActorGroup("rollout", RolloutActor, cfg.rollout.num_workers, lambda rank: dict(
-        model_path=models.student_path, engine=cfg.rollout.engine, dtype=cfg.model.dtype,
+        model_path=path, engine=cfg.rollout.engine, dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code, vocab_size=models.vocab_size,
         num_threads=_threads(cfg)), num_cpus=cfg.rollout.num_cpus)
 
@@ -69,7 +71,8 @@ def build_students(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
     group = ActorGroup("student", StudentActor, n, lambda rank: dict(
         model_path=models.student_path, trainer=cfg.trainer, loss=cfg.loss, rank=rank, world_size=n,
         vocab_size=models.vocab_size, pad_id=models.pad_id, dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code, num_threads=max(1, _threads(cfg) // n)),
+        trust_remote_code=cfg.model.trust_remote_code, num_threads=max(1, _threads(cfg) // n),
+        n_samples=cfg.rollout.n_samples_per_prompt),
         num_cpus=cfg.trainer.num_cpus)
     addr, port = ray.get(group.actors[0].master_address.remote())
     group.run("setup", addr, port)

@@ -136,9 +136,12 @@ class RolloutWorker:
     def ping(self) -> bool:
         return True
 
-    def rollout(self, sample_ids, prompt_ids, answers, params: SamplingParams):
-        """Sample one response per prompt. Returns (Arrow table of ROLLOUT_SCHEMA, small stats dict)."""
+    def rollout(self, sample_ids, prompt_ids, answers, params: SamplingParams, n: int = 1):
+        """Sample n responses per prompt (rows of one prompt are adjacent and share its sample_id).
+        Returns (Arrow table of ROLLOUT_SCHEMA, small stats dict)."""
         t0 = time.perf_counter()
+        if n > 1:
+            sample_ids, prompt_ids, answers = ([x for x in xs for _ in range(n)] for xs in (sample_ids, prompt_ids, answers))
         gen = self.engine.generate(list(prompt_ids), params)
         texts = self.tokenizer.batch_decode([r.tolist() for r in gen.response_ids], skip_special_tokens=True)
         correct = [grade_response(t, a) for t, a in zip(texts, answers)]

@@ -21,7 +21,7 @@ import torch
 
 from eopd_ray.batch import list_rows, padded_float, padded_topk, sequence_batch
 from eopd_ray.config import LossConfig, TrainerConfig
-from eopd_ray.losses import TokenStats, eopd_loss
+from eopd_ray.losses import TokenStats, eopd_loss, group_normalized_advantages
 from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
 
 # Metrics that are already normalised by the global token count: they add up over ranks.
@@ -51,11 +51,12 @@ def free_port() -> int:
 class StudentTrainer:
     def __init__(self, model_path: str, trainer: TrainerConfig, loss: LossConfig, rank: int, world_size: int,
                  vocab_size: int, pad_id: int, dtype: str = "float32", trust_remote_code: bool = False,
-                 num_threads: int | None = None, backend: str = "gloo"):
+                 num_threads: int | None = None, backend: str = "gloo", n_samples: int = 1):
         set_threads(num_threads)
         self.model_path, self.trainer, self.loss_cfg = model_path, trainer, loss
         self.rank, self.world_size, self.vocab_size, self.pad_id = rank, world_size, vocab_size, pad_id
         self.dtype, self.trust_remote_code, self.backend = dtype, trust_remote_code, backend
+        self.n_samples = n_samples  # responses per prompt: a mini-batch is mini_batch_size * n_samples rows
         self.engine = None
 
     # -- set-up: rank 0 publishes an address, then every rank joins at once ---------------------------
@@ -110,21 +111,25 @@ class StudentTrainer:
         if not np.array_equal(rollout.column("sample_id").to_numpy(), teacher.column("sample_id").to_numpy()):
             raise RuntimeError("teacher rows are not aligned with rollout rows (sample_id differs)")
         t = self.trainer
-        share = t.mini_batch_size // self.world_size
+        rows = t.mini_batch_size * self.n_samples
+        share = rows // self.world_size
+        seq_adv = None
+        if self.loss_cfg.objective == "grpo":  # normalised within each prompt's group, over the whole batch
+            rewards = torch.from_numpy(rollout.column("correct").to_numpy(zero_copy_only=False).astype(np.float64))
+            seq_adv = group_normalized_advantages(rewards, torch.from_numpy(rollout.column("sample_id").to_numpy()))
         sums: dict[str, float] = {}
         self.engine.train()
-        for mb, start in enumerate(range(0, rollout.num_rows, t.mini_batch_size)):
-            mini = slice(start, start + t.mini_batch_size)
-            num_tokens = sum(len(r) for r in list_rows(rollout.column("response_ids").slice(mini.start, t.mini_batch_size)))
-            mine = slice(start + self.rank * share, start + (self.rank + 1) * share)
+        for mb, start in enumerate(range(0, rollout.num_rows, rows)):
+            num_tokens = sum(len(r) for r in list_rows(rollout.column("response_ids").slice(start, rows)))
+            mine = start + self.rank * share
             gen = torch.Generator().manual_seed(
                 self.loss_cfg.random_seed * 1_000_003 + step * 10_007 + mb * 101 + self.rank)
-            metrics = self._update(rollout.slice(mine.start, share), teacher.slice(mine.start, share),
-                                   num_tokens, gen)
+            metrics = self._update(rollout.slice(mine, share), teacher.slice(mine, share), num_tokens, gen,
+                                   None if seq_adv is None else seq_adv[mine:mine + share])
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
         reduced = self._all_reduce(sums)
-        n_mini = rollout.num_rows // t.mini_batch_size
+        n_mini = rollout.num_rows // rows
         out = {}
         for key, value in reduced.items():
             if key.startswith("_w/") or key.startswith("tokens/"):
@@ -137,7 +142,8 @@ class StudentTrainer:
         out["time/train"] = time.perf_counter() - t0
         return out
 
-    def _update(self, rollout: pa.Table, teacher: pa.Table, num_tokens: int, gen: torch.Generator) -> dict:
+    def _update(self, rollout: pa.Table, teacher: pa.Table, num_tokens: int, gen: torch.Generator,
+                seq_adv: torch.Tensor | None = None) -> dict:
         k = self.loss_cfg.top_k
         responses = list_rows(rollout.column("response_ids"))
         batch = sequence_batch(list_rows(rollout.column("prompt_ids")), responses, self.pad_id)
@@ -152,7 +158,8 @@ class StudentTrainer:
         logits_BTV = logits_BLV.gather(1, batch.logit_index_BT[..., None].expand(-1, -1, logits_BLV.shape[-1]))
         logits_BTV = logits_BTV[..., :self.vocab_size]
         loss, metrics = eopd_loss(logits_BTV, batch.response_BT, old_logprobs_BT, teacher_stats,
-                                  batch.response_mask_BT, self.loss_cfg, num_tokens=num_tokens, generator=gen)
+                                  batch.response_mask_BT, self.loss_cfg, num_tokens=num_tokens, generator=gen,
+                                  sequence_advantages=seq_adv)
         self.engine.backward(loss * self.world_size)
         # Stage 0 keeps full gradients on the parameters and DeepSpeed does not report their norm there.
         manual_norm = None

@@ -13,7 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-OBJECTIVES = ("opd", "eopd", "full_fkl", "random_fkl", "entropy_bonus", "advantage_shaping")
+OBJECTIVES = ("opd", "eopd", "full_fkl", "random_fkl", "entropy_bonus", "advantage_shaping", "grpo", "kd")
+# Baselines that do not learn on the student's own samples scored by the teacher (paper Section 5.1).
+OFF_POLICY_OBJECTIVES = ("kd",)
 FKL_NORMALIZERS = ("all_tokens", "gated_tokens")
 
 
@@ -65,6 +67,8 @@ class LossConfig:
     entropy_coef: float = 0.01  # `entropy_bonus`: loss -= coef * student entropy
     shaping_alpha: float = 0.1  # `advantage_shaping` (eq. 11) alpha
     shaping_kappa: float = 2.0  # `advantage_shaping` (eq. 11) kappa
+    kd_ce_coef: float = 0.5  # `kd` (off-policy KD on teacher samples, Table 7): cross-entropy weight
+    kd_fkl_coef: float = 0.5  # `kd`: weight of the top-k forward KL at every position
 
     def validate(self, prefix: str = "loss") -> None:
         if self.objective not in OBJECTIVES:
@@ -83,6 +87,8 @@ class LossConfig:
         _check_range(f"{prefix}.entropy_coef", self.entropy_coef, lo=0)
         _check_range(f"{prefix}.shaping_alpha", self.shaping_alpha, lo=0, lo_open=True)
         _check_range(f"{prefix}.shaping_kappa", self.shaping_kappa, lo=1, lo_open=True)
+        _check_range(f"{prefix}.kd_ce_coef", self.kd_ce_coef, lo=0)
+        _check_range(f"{prefix}.kd_fkl_coef", self.kd_fkl_coef, lo=0)
 
 
 @dataclass
@@ -140,6 +146,7 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature (Table 8: 1.0)
     top_p: float = 1.0  # nucleus sampling (Table 8: 1.0 for Qwen, 0.8 for Llama)
     max_new_tokens: int = 40  # maximum response length in tokens
+    n_samples_per_prompt: int = 1  # responses per prompt (Table 8: 1 for OPD/EOPD, 8 for GRPO)
     num_cpus: float = 0.5  # Ray CPUs reserved per rollout actor
 
     def validate(self, prefix: str = "rollout") -> None:
@@ -149,6 +156,7 @@ class RolloutConfig:
         _check_range(f"{prefix}.temperature", self.temperature, lo=0, lo_open=True)
         _check_range(f"{prefix}.top_p", self.top_p, lo=0, hi=1, lo_open=True)
         _check_range(f"{prefix}.max_new_tokens", self.max_new_tokens, lo=1, integer=True)
+        _check_range(f"{prefix}.n_samples_per_prompt", self.n_samples_per_prompt, lo=1, integer=True)
         _check_range(f"{prefix}.num_cpus", self.num_cpus, lo=0)
 
 
@@ -255,6 +263,10 @@ class RunConfig:
         if self.trainer.batch_size % self.rollout.num_workers:
             _fail("rollout.num_workers", self.rollout.num_workers,
                   f"a divisor of trainer.batch_size={self.trainer.batch_size}")
+        if self.loss.objective == "grpo" and self.rollout.n_samples_per_prompt < 2:
+            _fail("rollout.n_samples_per_prompt", self.rollout.n_samples_per_prompt,
+                  "at least 2 with loss.objective=grpo (group-normalised advantages need a group)",
+                  "set rollout.n_samples_per_prompt=8 as in the paper")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -182,7 +182,7 @@ def _as_count(n, like: torch.Tensor) -> torch.Tensor:
 def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: torch.Tensor, teacher: TokenStats,
               mask: torch.Tensor, cfg: LossConfig, num_tokens: int | float | torch.Tensor | None = None,
               generator: torch.Generator | None = None, num_gated: int | float | torch.Tensor | None = None,
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+              sequence_advantages: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level EOPD loss (eq. 9) or one of its baselines, summed over the mask and divided by num_tokens.
 
     student_logits (B, T, V), already aligned: student_logits[:, t] is the distribution of tokens[:, t].
@@ -196,9 +196,14 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
     draws the same gate for the same shape on every call, so training loops should pass a persistent one.
     Values outside the mask (teacher, old log-probs, token ids) are never read into the loss; student logits
     there must be finite. Returns (loss, metrics) with metrics a flat dict of floats.
+    Baselines: `grpo` uses `sequence_advantages` (B,) (see `group_normalized_advantages`) in place of the
+    teacher advantage; `kd` (tokens sampled by the teacher) is kd_ce_coef * cross-entropy + kd_fkl_coef *
+    top-k forward KL at every position, both divided by num_tokens.
     """
-    if cfg.objective not in ("opd", "entropy_bonus", "advantage_shaping") + FKL_OBJECTIVES:
+    if cfg.objective not in ("opd", "entropy_bonus", "advantage_shaping", "grpo", "kd") + FKL_OBJECTIVES:
         raise ConfigError(f"config value loss.objective={cfg.objective!r} is invalid")
+    if cfg.objective == "grpo" and sequence_advantages is None:
+        raise ValueError("loss.objective=grpo needs sequence_advantages (B,): see group_normalized_advantages")
     if student_logits.shape[:-1] != tokens.shape or mask.shape != tokens.shape or old_logprobs.shape != tokens.shape:
         raise ValueError(f"shape mismatch: student_logits {tuple(student_logits.shape)}, tokens {tuple(tokens.shape)}, "
                          f"old_logprobs {tuple(old_logprobs.shape)}, mask {tuple(mask.shape)}")
@@ -224,6 +229,8 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
             student_ent_BT = _entropy(logq_BTV)
 
     advantages_BT = t_lp_BT - old_BT  # eq. 6 with pi_old; built from detached tensors only
+    if cfg.objective == "grpo":
+        advantages_BT = sequence_advantages.detach().to(dt)[:, None].expand_as(old_BT)
     if cfg.objective == "advantage_shaping":
         advantages_BT = advantages_BT + torch.minimum(cfg.shaping_alpha * student_ent_BT.detach(),
                                                       advantages_BT.abs() / cfg.shaping_kappa)
@@ -232,7 +239,7 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
     with torch.no_grad():
         if cfg.objective == "eopd":
             gate_BT = mask_BT & (t_ent_BT > cfg.tau)
-        elif cfg.objective == "full_fkl":
+        elif cfg.objective in ("full_fkl", "kd"):
             gate_BT = mask_BT
         elif cfg.objective == "random_fkl":
             if generator is None:
@@ -242,18 +249,22 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
         else:
             gate_BT = torch.zeros_like(mask_BT)
 
-    has_fkl = cfg.objective in FKL_OBJECTIVES
+    has_fkl = cfg.objective in FKL_OBJECTIVES + ("kd",)
     with torch.set_grad_enabled(torch.is_grad_enabled() and has_fkl):
         # Computed for every objective: the high-entropy FKL metric compares OPD runs with EOPD (Fig. 5).
         fkl_BT = _fkl_from_logprobs(logq_BTV, t_ids_BTK, t_topk_BTK, cfg.renormalize)
 
     n_tok = _as_count(mask_BT.sum() if num_tokens is None else num_tokens, logprobs_BT)
-    pg_term = torch.where(mask_BT, pg_BT, zero).sum() / n_tok
-    fkl_sum = torch.where(gate_BT, fkl_BT, zero).sum()
-    if cfg.fkl_normalizer == "gated_tokens":
-        fkl_term = cfg.fkl_coef * fkl_sum / _as_count(gate_BT.sum() if num_gated is None else num_gated, fkl_sum)
+    if cfg.objective == "kd":  # supervised on teacher samples: cross-entropy replaces the policy gradient
+        pg_term = -cfg.kd_ce_coef * torch.where(mask_BT, logprobs_BT, zero).sum() / n_tok
     else:
-        fkl_term = cfg.fkl_coef * fkl_sum / n_tok
+        pg_term = torch.where(mask_BT, pg_BT, zero).sum() / n_tok
+    fkl_sum = torch.where(gate_BT, fkl_BT, zero).sum()
+    fkl_coef = cfg.kd_fkl_coef if cfg.objective == "kd" else cfg.fkl_coef
+    if cfg.fkl_normalizer == "gated_tokens":
+        fkl_term = fkl_coef * fkl_sum / _as_count(gate_BT.sum() if num_gated is None else num_gated, fkl_sum)
+    else:
+        fkl_term = fkl_coef * fkl_sum / n_tok
     ent_term = zero
     if cfg.objective == "entropy_bonus":
         ent_term = -cfg.entropy_coef * torch.where(mask_BT, student_ent_BT, zero).sum() / n_tok
@@ -281,3 +292,18 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
         }
         values = torch.stack([v.to(torch.float64) for v in metrics_t.values()]).tolist()  # one device sync
     return loss, dict(zip(metrics_t, values))
+
+
+def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages: (r - mean of its group) / (std of its group + eps), per response.
+
+    rewards (N,) float; group_ids (N,) int, equal for responses to the same prompt. The std is the
+    population std (ddof 0); a group whose rewards are all equal gets zero advantages.
+    """
+    rewards = rewards.to(torch.float64)
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    count = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, inverse, torch.ones_like(rewards))
+    mean = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, inverse, rewards) / count
+    var = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, inverse, (rewards - mean[inverse]) ** 2) / count
+    return ((rewards - mean[inverse]) / (var.sqrt()[inverse] + eps)).to(torch.float32)

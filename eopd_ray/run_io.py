@@ -63,9 +63,10 @@ class MetricsLog:
             fh.write(json.dumps(row) + "\n")
 
 
-def write_results(out_dir: Path, cfg: RunConfig, train_rows: list[dict], eval_results: dict) -> Path:
+def write_results(out_dir: Path, cfg: RunConfig, train_rows: list[dict], eval_results: dict,
+                  report: list[str] | None = None) -> Path:
     results = {"config": cfg.to_dict(),
                "train": {"steps_done": train_rows[-1]["step"] if train_rows else 0, "metrics": train_rows},
-               "eval": eval_results}
+               "eval": eval_results, "report": report or []}
     write_json_atomic(out_dir / "results.json", results)
     return out_dir / "results.json"

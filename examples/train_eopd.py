@@ -30,7 +30,7 @@ from actors.build import ResolvedModels, build_rollouts, build_students, build_t
 from actors.rollout import SamplingParams  # noqa: E402
 from actors.weight_sync import ObjectStoreWeightSync  # noqa: E402
 from eopd_ray import checkpoint  # noqa: E402
-from eopd_ray.config import ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402
+from eopd_ray.config import OFF_POLICY_OBJECTIVES, ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402
 from eopd_ray.data import DataError, PromptSampler, load_rows, synthetic_rows, tokenize_rows  # noqa: E402
 from eopd_ray.evaluation import summarize_correct  # noqa: E402
 from eopd_ray.models import load_tokenizer, output_rows  # noqa: E402
@@ -139,6 +139,23 @@ def evaluate(cfg, rollouts, eval_recs, model_path: str | None, seed: int) -> dic
     return out
 
 
+def eval_report(results: dict, threshold: float) -> list[str]:
+    """One line per model, then how each student's share of high-entropy tokens compares with the teacher's."""
+    lines = [f"eval {name:16s} Avg@{r['k']}={r['avg_at_k']:.3f} Pass@{r['k']}={r['pass_at_k']:.3f} "
+             f"tokens with entropy >= {threshold:g}: {100 * r['high_entropy_fraction']:.1f}%"
+             for name, r in results.items()]
+    teacher = results["teacher"]["high_entropy_fraction"]
+    for name in ("student_initial", "student"):
+        frac = results[name]["high_entropy_fraction"]
+        lines.append(f"{name} keeps {frac / teacher:.2f}x the teacher's share of high-entropy tokens "
+                     f"({100 * frac:.1f}% vs {100 * teacher:.1f}%)" if teacher > 0 else
+                     f"{name}: {100 * frac:.1f}% high-entropy tokens; the teacher has none")
+    gain = results["student"]["avg_at_k"] - results["student_initial"]["avg_at_k"]
+    lines.append(f"training changed Avg@k by {gain:+.3f} ({results['student_initial']['avg_at_k']:.3f} -> "
+                 f"{results['student']['avg_at_k']:.3f})")
+    return lines
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # ---- build: everything that can be wrong is checked before Ray starts ----------------------------
@@ -169,9 +186,11 @@ def main(argv=None) -> int:
     rollouts, teachers = build_rollouts(cfg, models), build_teachers(cfg, models)
     students = build_students(cfg, models)
     sync = ObjectStoreWeightSync(students, rollouts)
+    on_policy = cfg.loss.objective not in OFF_POLICY_OBJECTIVES  # kd keeps the teacher in the rollout workers
     if ckpt is not None:
         students.run("load", str(ckpt))
-        sync.sync()
+        if on_policy:
+            sync.sync()
     ray.get(rollouts.call("ping") + teachers.call("ping"))
     print(f"actors ready in {time.perf_counter() - t_build:.1f} s: {len(rollouts)} rollout, "
           f"{len(teachers)} teacher, {len(students)} student rank(s)")
@@ -187,7 +206,7 @@ def main(argv=None) -> int:
         roll = [a.rollout.options(num_returns=2).remote(
             [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
             SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                           seed=t.seed * 1_000_003 + step * 1009 + i))
+                           seed=t.seed * 1_000_003 + step * 1009 + i), cfg.rollout.n_samples_per_prompt)
             for i, (a, s) in enumerate(zip(rollouts.actors, shards))]
         rollout_refs = [r[0] for r in roll]
         rollout_stats = ray.get([r[1] for r in roll])
@@ -199,7 +218,7 @@ def main(argv=None) -> int:
         t2 = time.perf_counter()
         train_metrics = students.run("train_step", step, len(rollout_refs), *rollout_refs, *teacher_refs)[0]
         t3 = time.perf_counter()
-        sync_metrics = sync.sync()
+        sync_metrics = sync.sync() if on_policy else {}
         row = {"step": step + 1, **train_metrics, **sync_metrics}
         for key in rollout_stats[0]:
             row[key] = sum(s[key] for s in rollout_stats) / len(rollout_stats)
@@ -223,18 +242,20 @@ def main(argv=None) -> int:
     # ---- evaluate teacher, initial and trained student; write results ----------------------------------
     eval_results = {}
     if cfg.eval.enabled and not interrupted:
+        if not on_policy:
+            sync.sync()  # the rollout workers evaluate the trained student
         seed = t.seed + 777
         eval_results["student"] = evaluate(cfg, rollouts, eval_recs, None, seed)
         eval_results["student_initial"] = evaluate(cfg, rollouts, eval_recs, models.student_path, seed)
         eval_results["teacher"] = evaluate(cfg, rollouts, eval_recs, models.teacher_path, seed)
-        for name, res in eval_results.items():
-            print(f"eval {name:16s} Avg@{res['k']}={res['avg_at_k']:.3f} Pass@{res['k']}={res['pass_at_k']:.3f} "
-                  f"high-entropy tokens={100 * res['high_entropy_fraction']:.1f}%")
+        for line in eval_report(eval_results, cfg.eval.high_entropy_threshold):
+            print(line)
         entropy_histograms(eval_results, out_dir / "entropy_hist.png", cfg.eval.high_entropy_threshold)
     if log.rows:
         training_curves(log.rows, out_dir / "training_curves.png", f"{cfg.loss.objective} on {cfg.model.student}")
     if not interrupted:
-        print(f"wrote {write_results(out_dir, cfg, log.rows, eval_results)}")
+        report = eval_report(eval_results, cfg.eval.high_entropy_threshold) if eval_results else []
+        print(f"wrote {write_results(out_dir, cfg, log.rows, eval_results, report)}")
 
     # ---- clean up -------------------------------------------------------------------------------------
     for group in (rollouts, teachers, students):

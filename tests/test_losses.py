@@ -460,3 +460,73 @@ def test_config_validation_names_bad_objective():
     student, tokens, old, teacher, mask = make_batch()
     with pytest.raises(ConfigError, match="bad"):
         eopd_loss(student, tokens, old, teacher, mask, LossConfig(objective="bad"))
+
+
+# ---- baselines of the comparison harness: GRPO advantages and off-policy KD ---------------------------------
+
+def test_group_normalized_advantages_match_loop():
+    from eopd_ray.losses import group_normalized_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    groups = torch.tensor([7, 7, 7, 3, 3, 3, 9, 9, 9])
+    out = group_normalized_advantages(rewards, groups)
+    for i in range(len(rewards)):
+        members = [float(rewards[j]) for j in range(len(rewards)) if groups[j] == groups[i]]
+        mu = sum(members) / len(members)
+        sd = (sum((m - mu) ** 2 for m in members) / len(members)) ** 0.5
+        assert float(out[i]) == pytest.approx((float(rewards[i]) - mu) / (sd + 1e-6), abs=1e-5)
+    assert torch.all(out[3:6] == 0)  # all-correct group: no signal
+
+
+def test_grpo_loss_uses_sequence_advantages():
+    g = torch.Generator().manual_seed(5)
+    B, T, V, K = 3, 4, 11, 4
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    old = torch.log_softmax(torch.randn(B, T, V, generator=g, dtype=torch.float64), -1).gather(-1, tokens[..., None])[..., 0]
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3] = False
+    teacher = token_stats(torch.randn(B, T, V, generator=g, dtype=torch.float64), tokens, K)
+    adv = torch.tensor([0.7, -1.2, 0.0], dtype=torch.float64)
+    cfg = LossConfig(objective="grpo", clip_eps=0.2)
+    loss, _ = eopd_loss(logits, tokens, old, teacher, mask, cfg, sequence_advantages=adv)
+    ref, n = 0.0, 0
+    logq = torch.log_softmax(logits.detach(), -1)
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            r = math.exp(float(logq[b, t, tokens[b, t]]) - float(old[b, t]))
+            a = float(adv[b])
+            ref += max(-r * a, -min(max(r, 0.8), 1.2) * a)
+            n += 1
+    assert float(loss) == pytest.approx(ref / n, abs=1e-10)
+    with pytest.raises(ValueError, match="sequence_advantages"):
+        eopd_loss(logits, tokens, old, teacher, mask, cfg)
+
+
+def test_kd_loss_is_cross_entropy_plus_forward_kl_everywhere():
+    g = torch.Generator().manual_seed(6)
+    B, T, V, K = 2, 5, 9, 3
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 4] = False
+    teacher_logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    teacher = token_stats(teacher_logits, tokens, K)
+    cfg = LossConfig(objective="kd", kd_ce_coef=0.5, kd_fkl_coef=0.5, tau=100.0)
+    loss, metrics = eopd_loss(logits, tokens, torch.zeros(B, T, dtype=torch.float64), teacher, mask, cfg)
+    logq, logp = torch.log_softmax(logits, -1), torch.log_softmax(teacher_logits, -1)
+    ref, n = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            ids = sorted(range(V), key=lambda v: -float(logp[b, t, v]))[:K]
+            mass = sum(math.exp(float(logp[b, t, v])) for v in ids)
+            fkl = sum(math.exp(float(logp[b, t, v])) / mass * (float(logp[b, t, v]) - math.log(mass) - float(logq[b, t, v]))
+                      for v in ids)
+            ref += 0.5 * -float(logq[b, t, tokens[b, t]]) + 0.5 * fkl
+            n += 1
+    assert float(loss) == pytest.approx(ref / n, abs=1e-10)
+    assert metrics["gate/fraction"] == 1.0  # the forward KL applies at every position, whatever tau

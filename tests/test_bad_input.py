@@ -1,0 +1,89 @@
+"""Bad input stops the main job before Ray starts, with a message naming the item and the fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eopd_ray.tiny_models import build_tokenizer
+from eopd_ray.vocab import VocabMismatchError, shared_vocab_size
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_eopd.py"
+
+
+def run_main(*args, timeout=120):
+    env = dict(os.environ, RAY_ADDRESS="")
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_padded_vocabularies_share_the_real_vocabulary():
+    tok = build_tokenizer()
+    n = len(tok)
+    assert shared_vocab_size(tok, build_tokenizer(), n + 7, n + 64) == n  # 151,936 vs 152,064 in miniature
+    with pytest.raises(VocabMismatchError, match="output rows"):
+        shared_vocab_size(tok, build_tokenizer(), n - 1, n)
+
+
+def test_different_tokenizers_are_refused():
+    other = build_tokenizer()
+    other.add_tokens(["<extra>"])
+    with pytest.raises(VocabMismatchError, match="only in student: \\['<extra>'\\]"):
+        shared_vocab_size(build_tokenizer(), other, 200, 200)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.mini_batch_size=7", "trainer.mini_batch_size=7 is invalid"),
+    ("loss.objective=reverse", "loss.objective='reverse' is invalid"),
+    ("loss.tau=high", "loss.tau='high' is invalid"),
+])
+def test_bad_config_fails_before_ray(override, message, tmp_path):
+    proc = run_main("--out", str(tmp_path / "o"), override)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Started a local Ray" not in proc.stderr + proc.stdout
+
+
+def test_bad_data_row_names_file_and_line(tmp_path, tiny_models):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "1+2=" "answer": "3"}\n')
+    teacher, student = tiny_models
+    proc = run_main("--out", str(tmp_path / "o"), f"data.train_path={data}", f"model.teacher={teacher}",
+                    f"model.student={student}")
+    assert proc.returncode == 2 and f"{data}:2: malformed JSON" in proc.stderr
+
+
+def test_long_prompt_and_small_dataset(tmp_path, tiny_models):
+    teacher, student = tiny_models
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "' + "1+" * 40 + '1=", "answer": "41"}\n')
+    proc = run_main("--out", str(tmp_path / "o"), f"data.train_path={data}", f"model.teacher={teacher}",
+                    f"model.student={student}", "data.max_prompt_tokens=32")
+    assert proc.returncode == 2 and "row 0: prompt has" in proc.stderr and "data.max_prompt_tokens=32" in proc.stderr
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    proc = run_main("--out", str(tmp_path / "o"), f"data.train_path={data}", f"model.teacher={teacher}",
+                    f"model.student={student}")
+    assert proc.returncode == 2 and "fewer than one batch" in proc.stderr
+
+
+def test_vocab_mismatch_stops_the_job(tmp_path, tiny_models):
+    teacher, student = tiny_models
+    other = tmp_path / "teacher"
+    shutil.copytree(teacher, other)
+    tok = build_tokenizer()
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    proc = run_main("--out", str(tmp_path / "o"), f"model.teacher={other}", f"model.student={student}")
+    assert proc.returncode == 2 and "tokenizers differ" in proc.stderr
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_main("--out", str(blocker / "sub"))
+    assert proc.returncode == 2 and "is not writable" in proc.stderr
