@@ -19,6 +19,9 @@ from eopd_ray.evaluation import grade_response, high_entropy_fraction
 from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
 
 
+ENTROPY_BINS, ENTROPY_MAX = 40, 4.0  # histogram of generated-token entropies (nats)
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0
@@ -158,9 +161,9 @@ class RolloutWorker:
         return table, stats
 
     def evaluate(self, prompt_ids, answers, k: int, params: SamplingParams, threshold: float = 1.0,
-                 model_path: str | None = None) -> dict:
-        """k samples per prompt; returns per-problem correctness (P, k) and the generated-token entropies
-        summarised as a high-entropy fraction and a histogram (paper Fig. 3)."""
+                 model_path: str | None = None, return_texts: bool = False) -> dict:
+        """k samples per prompt; returns per-problem correctness (P, k), the generated-token entropies
+        summarised as a high-entropy fraction and a histogram (paper Fig. 3), and optionally every text."""
         if model_path:
             self.engine.load_model(model_path)
         repeated = [p for p in prompt_ids for _ in range(k)]
@@ -168,10 +171,12 @@ class RolloutWorker:
         texts = self.tokenizer.batch_decode([r.tolist() for r in gen.response_ids], skip_special_tokens=True)
         correct = np.array([grade_response(t, a) for t, a in zip(texts, [a for a in answers for _ in range(k)])])
         ent = np.concatenate(gen.entropy) if gen.entropy else np.zeros(0, np.float32)
-        hist, edges = np.histogram(ent, bins=30, range=(0.0, 3.0))
+        hist, edges = np.histogram(ent, bins=ENTROPY_BINS, range=(0.0, ENTROPY_MAX))
         return {"correct": correct.reshape(len(prompt_ids), k), "num_tokens": int(ent.size),
                 "high_entropy_fraction": high_entropy_fraction(gen.entropy, threshold),
-                "entropy_hist": hist.tolist(), "entropy_edges": edges.tolist(), "samples": texts[:4]}
+                "entropy_hist": hist.tolist(), "entropy_edges": edges.tolist(),
+                "texts": texts if return_texts else texts[:4],
+                "lengths": [len(r) for r in gen.response_ids] if return_texts else []}
 
     def update_weights(self, state: dict[str, np.ndarray]) -> float:
         t0 = time.perf_counter()

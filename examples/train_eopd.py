@@ -27,12 +27,12 @@ import ray  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from actors.build import ResolvedModels, build_rollouts, build_students, build_teachers, init_ray  # noqa: E402
+from actors.eval_runner import evaluate_on_workers  # noqa: E402
 from actors.rollout import SamplingParams  # noqa: E402
 from actors.weight_sync import ObjectStoreWeightSync  # noqa: E402
 from eopd_ray import checkpoint  # noqa: E402
 from eopd_ray.config import OFF_POLICY_OBJECTIVES, ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402
 from eopd_ray.data import DataError, PromptSampler, load_rows, synthetic_rows, tokenize_rows  # noqa: E402
-from eopd_ray.evaluation import summarize_correct  # noqa: E402
 from eopd_ray.models import load_tokenizer, output_rows  # noqa: E402
 from eopd_ray.plots import entropy_histograms, training_curves  # noqa: E402
 from eopd_ray.run_io import MetricsLog, OutputDirError, check_out_dir, save_config, write_results  # noqa: E402
@@ -120,23 +120,9 @@ def save_checkpoint(out_dir: Path, step: int, students, sampler) -> Path:
 
 
 def evaluate(cfg, rollouts, eval_recs, model_path: str | None, seed: int) -> dict:
-    """k samples per held-out problem on the rollout workers (optionally loading another model first)."""
-    n = len(rollouts)
-    shards = [eval_recs[i::n] for i in range(n)]
     params = SamplingParams(cfg.eval.temperature, cfg.eval.top_p, cfg.rollout.max_new_tokens, seed)
-    parts = ray.get([a.evaluate.remote([r.prompt_ids for r in s], [r.answer for r in s], cfg.eval.k, params,
-                                       cfg.eval.high_entropy_threshold, model_path)
-                     for a, s in zip(rollouts.actors, shards)])
-    import numpy as np
-
-    correct = np.concatenate([p["correct"] for p in parts])
-    tokens = sum(p["num_tokens"] for p in parts)
-    out = summarize_correct(correct, cfg.eval.k)
-    out["high_entropy_fraction"] = sum(p["high_entropy_fraction"] * p["num_tokens"] for p in parts) / max(tokens, 1)
-    out["entropy_hist"] = np.sum([p["entropy_hist"] for p in parts], axis=0).tolist()
-    out["entropy_edges"] = parts[0]["entropy_edges"]
-    out["samples"] = parts[0]["samples"]
-    return out
+    return evaluate_on_workers(rollouts, [r.prompt_ids for r in eval_recs], [r.answer for r in eval_recs],
+                               cfg.eval.k, params, cfg.eval.high_entropy_threshold, model_path)
 
 
 def eval_report(results: dict, threshold: float) -> list[str]:

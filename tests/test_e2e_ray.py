@@ -142,3 +142,24 @@ def test_ray_job_submit_against_local_head(tmp_path, tiny_models):
         assert results["train"]["steps_done"] == 1
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_every_baseline_runs_two_steps_and_compares(tmp_path, tiny_models):
+    teacher, student = tiny_models
+    out = tmp_path / "compare"
+    cmd = [sys.executable, str(ROOT / "examples" / "compare_methods.py"), "--out", str(out),
+           f"model.teacher={teacher}", f"model.student={student}", *SMALL, "trainer.max_steps=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((out / "comparison.json").read_text())
+    assert list(summary["methods"]) == ["kd", "grpo", "opd", "entropy_bonus", "advantage_shaping", "full_fkl",
+                                        "random_fkl", "eopd"]
+    for method, row in summary["methods"].items():
+        run = json.loads((out / method / "results.json").read_text())
+        assert run["config"]["loss"]["objective"] == method and run["train"]["steps_done"] == 2
+        assert 0 <= row["avg_at_k"] <= row["pass_at_k"] <= 1
+    grpo = json.loads((out / "grpo" / "results.json").read_text())
+    assert grpo["config"]["rollout"]["n_samples_per_prompt"] == 8
+    assert grpo["train"]["metrics"][0]["train/tokens"] > 0
+    assert "| EOPD |" in (out / "comparison.md").read_text()
+    assert (out / "comparison.png").stat().st_size > 10_000

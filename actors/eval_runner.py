@@ -1,0 +1,42 @@
+"""Sampling-based evaluation spread over the rollout workers (Avg@k, Pass@k, generated-token entropy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from actors.group import ActorGroup
+from actors.rollout import SamplingParams
+from eopd_ray.evaluation import summarize_correct
+
+
+def evaluate_on_workers(rollouts: ActorGroup, prompt_ids: list, answers: list, k: int, params: SamplingParams,
+                        threshold: float = 1.0, model_path: str | None = None, return_texts: bool = False) -> dict:
+    """k samples per problem; problems are dealt round-robin to the workers and reassembled in order.
+
+    model_path: load this model into every worker first (None = evaluate the weights they hold)."""
+    n = len(rollouts)
+    order = [list(range(i, len(prompt_ids), n)) for i in range(n)]
+    parts = ray.get([a.evaluate.remote([prompt_ids[j] for j in idx], [answers[j] for j in idx], k, params,
+                                       threshold, model_path, return_texts)
+                     for a, idx in zip(rollouts.actors, order) if idx])
+    correct = np.zeros((len(prompt_ids), k), dtype=bool)
+    texts: list = [None] * len(prompt_ids)
+    lengths: list = [None] * len(prompt_ids)
+    for idx, part in zip([o for o in order if o], parts):
+        correct[idx] = part["correct"]
+        if return_texts:
+            for pos, j in enumerate(idx):
+                texts[j] = part["texts"][pos * k:(pos + 1) * k]
+                lengths[j] = part["lengths"][pos * k:(pos + 1) * k]
+    tokens = sum(p["num_tokens"] for p in parts)
+    out = summarize_correct(correct, k)
+    out["high_entropy_fraction"] = sum(p["high_entropy_fraction"] * p["num_tokens"] for p in parts) / max(tokens, 1)
+    out["entropy_hist"] = np.sum([p["entropy_hist"] for p in parts], axis=0).tolist()
+    out["entropy_edges"] = parts[0]["entropy_edges"]
+    out["correct"] = correct.tolist()
+    if return_texts:
+        out["texts"], out["lengths"] = texts, lengths
+    else:
+        out["samples"] = parts[0]["texts"]
+    return out

@@ -1,0 +1,159 @@
+"""Every method of the paper's comparison, same task, data, seed and budget, in one command.
+
+    python examples/compare_methods.py --out runs/compare                     # all methods, default task
+    python examples/compare_methods.py --out runs/cmp --methods opd,eopd trainer.max_steps=4
+
+Each method is one run of examples/train_eopd.py (its own Ray session) into OUT/<method>/. Then the
+comparison is written: OUT/comparison.md and .json (Avg@k, Pass@k, high-entropy token share of each student
+against the teacher's, forward KL at high-entropy positions, student entropy, wall time; in the spirit of the
+paper's Tables 2, 4 and 6) and OUT/comparison.png (accuracy bars, and the student-entropy and
+high-entropy forward-KL curves of Figures 4 and 5).
+
+GRPO samples 8 responses per prompt (Table 8). To keep the number of sampled responses per step equal
+across methods on this small budget, it takes B / 8 prompts per step (mini-batches of B_mini / 8 prompts);
+pass your own overrides after `--` style positional arguments to change any of this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from eopd_ray.config import load_config  # noqa: E402
+
+METHODS = {
+    "kd": ["loss.objective=kd"],
+    "grpo": ["loss.objective=grpo", "rollout.n_samples_per_prompt=8"],
+    "opd": ["loss.objective=opd"],
+    "entropy_bonus": ["loss.objective=entropy_bonus"],
+    "advantage_shaping": ["loss.objective=advantage_shaping"],
+    "full_fkl": ["loss.objective=full_fkl"],
+    "random_fkl": ["loss.objective=random_fkl"],
+    "eopd": ["loss.objective=eopd"],
+}
+LABELS = {"kd": "Off-policy KD", "grpo": "GRPO", "opd": "OPD", "entropy_bonus": "OPD + entropy bonus",
+          "advantage_shaping": "OPD + advantage shaping", "full_fkl": "OPD + forward KL everywhere",
+          "random_fkl": "OPD + forward KL at random 20%", "eopd": "EOPD"}
+
+
+def method_overrides(method: str, user: list[str]) -> list[str]:
+    out = list(METHODS[method])
+    if method == "grpo":
+        cfg = load_config(None, user)
+        n = 8
+        out += [f"trainer.batch_size={max(1, cfg.trainer.batch_size // n)}",
+                f"trainer.mini_batch_size={max(1, cfg.trainer.mini_batch_size // n)}"]
+    return out + list(user)
+
+
+def run_method(method: str, out: Path, user: list[str]) -> dict:
+    run_dir = out / method
+    cmd = [sys.executable, str(Path(__file__).with_name("train_eopd.py")), "--out", str(run_dir),
+           *method_overrides(method, user)]
+    print(f"\n=== {method}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=dict(os.environ))
+    if proc.returncode != 0:
+        raise SystemExit(f"{method} failed with exit code {proc.returncode}; its log is above")
+    results = json.loads((run_dir / "results.json").read_text())
+    results["wall_s"] = time.perf_counter() - t0
+    return results
+
+
+def summarize(all_results: dict[str, dict]) -> dict:
+    rows = {}
+    teacher = None
+    for method, res in all_results.items():
+        ev, last = res["eval"], res["train"]["metrics"][-1]
+        teacher = teacher or ev["teacher"]
+        rows[method] = {
+            "avg_at_k": ev["student"]["avg_at_k"], "pass_at_k": ev["student"]["pass_at_k"], "k": ev["student"]["k"],
+            "high_entropy_fraction": ev["student"]["high_entropy_fraction"],
+            "fkl_high_entropy_final": last.get("fkl/high_entropy_mean"),
+            "student_entropy_final": last.get("student/entropy"), "wall_s": res["wall_s"],
+        }
+    first = next(iter(all_results.values()))["eval"]
+    return {"methods": rows, "teacher": {k: first["teacher"][k] for k in ("avg_at_k", "pass_at_k", "high_entropy_fraction")},
+            "student_initial": {k: first["student_initial"][k] for k in ("avg_at_k", "pass_at_k", "high_entropy_fraction")}}
+
+
+def markdown(summary: dict, command: str) -> str:
+    k = next(iter(summary["methods"].values()))["k"]
+    lines = [f"Made by `{command}`.", "",
+             f"| method | Avg@{k} | Pass@{k} | tokens with H >= 1 (teacher {100 * summary['teacher']['high_entropy_fraction']:.1f}%) "
+             "| final FKL where H_te >= tau | final student entropy | wall (s) |", "|---|---|---|---|---|---|---|"]
+    for name, ref in (("teacher", summary["teacher"]), ("initial student", summary["student_initial"])):
+        lines.append(f"| {name} | {ref['avg_at_k']:.3f} | {ref['pass_at_k']:.3f} | {100 * ref['high_entropy_fraction']:.1f}% | | | |")
+    for method, r in summary["methods"].items():
+        fkl = f"{r['fkl_high_entropy_final']:.3f}" if r["fkl_high_entropy_final"] is not None else ""
+        ent = f"{r['student_entropy_final']:.3f}" if r["student_entropy_final"] is not None else ""
+        lines.append(f"| {LABELS[method]} | {r['avg_at_k']:.3f} | {r['pass_at_k']:.3f} | "
+                     f"{100 * r['high_entropy_fraction']:.1f}% | {fkl} | {ent} | {r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(all_results: dict[str, dict], summary: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    names = list(summary["methods"])
+    xs = range(len(names))
+    axes[0].bar([x - 0.2 for x in xs], [summary["methods"][n]["avg_at_k"] for n in names], 0.4, label="Avg@k")
+    axes[0].bar([x + 0.2 for x in xs], [summary["methods"][n]["pass_at_k"] for n in names], 0.4, label="Pass@k")
+    axes[0].axhline(summary["teacher"]["avg_at_k"], color="k", ls="--", lw=1, label="teacher Avg@k")
+    axes[0].axhline(summary["student_initial"]["avg_at_k"], color="grey", ls=":", lw=1, label="initial student Avg@k")
+    axes[0].set_xticks(list(xs), [LABELS[n] for n in names], rotation=35, ha="right", fontsize=8)
+    axes[0].set_title("held-out accuracy")
+    axes[0].legend(fontsize=7)
+    for ax, key, title in ((axes[1], "student/entropy", "student entropy during training (Fig. 4)"),
+                           (axes[2], "fkl/high_entropy_mean", "forward KL where teacher H >= tau (Fig. 5)")):
+        for n in names:
+            rows = all_results[n]["train"]["metrics"]
+            ax.plot([r["step"] for r in rows], [r.get(key) for r in rows], label=LABELS[n])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="overrides applied to every method, e.g. trainer.max_steps=4")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"error: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    for m in methods:  # every configuration is validated before the first run starts
+        load_config(None, method_overrides(m, args.overrides))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    all_results = {m: run_method(m, out, args.overrides) for m in methods}
+    summary = summarize(all_results)
+    command = "python examples/compare_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / "comparison.json").write_text(json.dumps(summary, indent=2))
+    (out / "comparison.md").write_text(markdown(summary, command))
+    plot(all_results, summary, out / "comparison.png")
+    print("\n" + markdown(summary, command))
+    print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'comparison.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
