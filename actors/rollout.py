@@ -8,6 +8,7 @@ formats the Arrow payload and grades responses; `actors.remote.RolloutActor` is 
 from __future__ import annotations
 
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -68,7 +69,10 @@ class TransformersEngine(RolloutEngine):
         self.model = load_causal_lm(path, self.dtype, self.trust_remote_code).eval()
 
     def load_weights(self, state: dict[str, np.ndarray]) -> None:
-        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+        with warnings.catch_warnings():
+            # Object-store arrays are read-only; load_state_dict only copies from them.
+            warnings.simplefilter("ignore", UserWarning)
+            tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
         if unexpected or [m for m in missing if not _is_tied(self.model, m)]:
             raise RuntimeError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -228,8 +228,9 @@ def main(argv=None) -> int:
     # ---- evaluate teacher, initial and trained student; write results ----------------------------------
     eval_results = {}
     if cfg.eval.enabled and not interrupted:
-        if not on_policy:
-            sync.sync()  # the rollout workers evaluate the trained student
+        if not on_policy:  # the rollout workers held the teacher: give them the student, then its weights
+            rollouts.run("load_model", models.student_path)
+            sync.sync()
         seed = t.seed + 777
         eval_results["student"] = evaluate(cfg, rollouts, eval_recs, None, seed)
         eval_results["student_initial"] = evaluate(cfg, rollouts, eval_recs, models.student_path, seed)
