@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-import re
-
 import numpy as np
+
+from eopd_ray.grading import extract_boxed, grade  # noqa: F401  (grade is public API here too)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -38,37 +37,11 @@ def high_entropy_fraction(entropies: list[np.ndarray], threshold: float = 1.0) -
     return float((flat >= threshold).mean()) if flat.size else 0.0
 
 
-_BOXED = re.compile(r"\\boxed\{")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, with nested braces, or None."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    i, depth = starts[-1], 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None
-
-
-def grade_response(response: str, answer: str) -> bool:
-    """Grade a response: `\\boxed{}` answers (real benchmarks, compared after light normalisation), else
-    the synthetic task's final-answer marker."""
-    boxed = last_boxed(response)
-    if boxed is not None:
-        return _normalize(boxed) == _normalize(answer)
+def grade_response(response: str, answer) -> bool:
+    """Grade a response: a `\\boxed{}` answer (real benchmarks) goes to the math-verify based `grade`;
+    otherwise the synthetic task's final-answer marker is used."""
+    if extract_boxed(response) is not None:
+        return grade(response, answer)
     from eopd_ray import task
 
-    return task.grade(response, answer)
-
-
-def _normalize(s: str) -> str:
-    s = s.strip().replace(" ", "").rstrip(".")
-    try:
-        x = float(s)
-        return str(int(x)) if math.isfinite(x) and x == int(x) else repr(x)
-    except ValueError:
-        return s
+    return task.grade(response, str(answer))

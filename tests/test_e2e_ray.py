@@ -163,3 +163,31 @@ def test_every_baseline_runs_two_steps_and_compares(tmp_path, tiny_models):
     assert grpo["train"]["metrics"][0]["train/tokens"] > 0
     assert "| EOPD |" in (out / "comparison.md").read_text()
     assert (out / "comparison.png").stat().st_size > 10_000
+
+
+def test_evaluate_script_writes_table_samples_and_curves(tmp_path, tiny_models):
+    teacher, _ = tiny_models
+    out = tmp_path / "eval"
+    cmd = [sys.executable, str(ROOT / "examples" / "evaluate.py"), "--model", teacher, "--benchmarks", "synthetic",
+           "--n", "4", "--limit", "6", "--top-p", "1.0", "--out", str(out), "--workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((out / "results.json").read_text())["benchmarks"]["synthetic"]
+    samples = [json.loads(line) for line in (out / "samples_synthetic.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 * 4 and res["num_problems"] == 6
+    assert res["avg_at_k"] == pytest.approx(np.mean([s["correct"] for s in samples]))
+    assert len(res["pass_curve"]) == 4 and res["pass_curve"][0] == pytest.approx(res["avg_at_k"])
+    assert res["pass_curve"][-1] == pytest.approx(res["pass_at_k"])
+    assert "synthetic Avg@4 / Pass@4" in (out / "results.md").read_text()
+    assert (out / "pass_at_k.png").stat().st_size > 5_000
+
+
+def test_evaluate_refuses_prompts_longer_than_the_context(tmp_path, tiny_models):
+    teacher, _ = tiny_models
+    data_root = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (data_root / "aime24").exists():
+        pytest.skip(f"reference benchmark copies not found at {data_root}")
+    cmd = [sys.executable, str(ROOT / "examples" / "evaluate.py"), "--model", teacher, "--benchmarks", "aime24",
+           "--out", str(tmp_path / "e"), "--data-root", str(data_root)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
+    assert proc.returncode == 2 and "aime24: the longest prompt has" in proc.stderr

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from eopd_ray.evaluation import grade_response, high_entropy_fraction, last_boxed, pass_at_k, summarize_correct
+from eopd_ray.evaluation import grade, grade_response, high_entropy_fraction, pass_at_k, summarize_correct
 
 
 def brute_pass_at_k(outcomes, k):
@@ -42,9 +42,8 @@ def test_high_entropy_fraction():
     assert high_entropy_fraction([], 1.0) == 0.0
 
 
-def test_last_boxed_and_grade():
-    assert last_boxed(r"so \boxed{1} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
-    assert last_boxed("no box") is None
-    assert grade_response(r"... \boxed{12}.", "12")
-    assert grade_response(r"\boxed{12.0}", "12")
+def test_grade_response_dispatch():
+    assert grade_response(r"... \boxed{12}.", "12") and grade(r"\boxed{12.0}", "12")
     assert not grade_response(r"\boxed{13}", "12")
+    assert grade_response("3+4=7;7+5=12;#12", "12")  # the synthetic task's answer marker
+    assert not grade_response("3+4=7;#7", "12")
