@@ -283,6 +283,7 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
             "loss/total": loss.detach(), "loss/pg": pg_term.detach(), "loss/fkl": fkl_term.detach(),
             "loss/entropy": ent_term.detach(),
             "gate/fraction": (gate_BT & mask_BT).sum().to(dt) / n_mask.clamp_min(1),
+            "gate/high_entropy_fraction": high_BT.sum().to(dt) / n_mask.clamp_min(1),  # H_te >= tau (Fig. 9)
             "teacher/entropy": mean(t_ent_BT, mask_BT), "student/entropy": mean(student_ent_BT, mask_BT),
             "fkl/gated_mean": mean(fkl_BT, gate_BT), "fkl/high_entropy_mean": mean(fkl_BT, high_BT),
             "fkl/mean": mean(fkl_BT, mask_BT),
