@@ -121,7 +121,8 @@ class DataConfig:
     train_path: str = ""  # JSONL or Parquet with a prompt and an answer per row; empty = synthetic task
     eval_path: str = ""  # held-out problems, same format; empty = synthetic held-out split
     prompt_key: str = "prompt"  # field holding the question text
-    answer_key: str = "answer"  # field holding the gold answer
+    answer_key: str = "answer"  # field holding the gold answer (nested: reward_model.ground_truth)
+    prompt_suffix: str = ""  # appended to every question (paper, Appendix C: "\nPlease reason step by step...")
     num_train_problems: int = 4096  # synthetic task only: training problems generated
     num_eval_problems: int = 64  # held-out problems used by the final evaluation
     max_prompt_tokens: int = 64  # longer prompts are an error naming the row

@@ -36,10 +36,11 @@ def load_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "a
 
         table = pq.read_table(path)
         for key in (prompt_key, answer_key):
-            if key not in table.column_names:
-                raise DataError(f"{path}: column {key!r} is missing (columns: {table.column_names}); "
+            if key.split(".")[0] not in table.column_names:
+                raise DataError(f"{path}: column {key.split('.')[0]!r} is missing (columns: {table.column_names}); "
                                 f"set data.prompt_key / data.answer_key to the right names")
-        for i, row in enumerate(table.select([prompt_key, answer_key]).to_pylist()):
+        columns = sorted({prompt_key.split(".")[0], answer_key.split(".")[0]})
+        for i, row in enumerate(table.select(columns).to_pylist()):
             rows.append(_check_row(row, f"{path} row {i}", prompt_key, answer_key))
     elif path.suffix in (".jsonl", ".json"):
         with open(path, "rb") as fh:
@@ -65,11 +66,30 @@ def load_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "a
     return rows
 
 
+_MISSING = object()
+
+
+def get_field(row, dotted: str):
+    """`reward_model.ground_truth` or `prompt.0.content`: nested dicts and lists (as in verl-style Parquet)."""
+    value = row
+    for part in dotted.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
 def _check_row(row: dict, where: str, prompt_key: str, answer_key: str) -> dict:
-    for key in (prompt_key, answer_key):
-        if key not in row or row[key] is None:
+    values = {key: get_field(row, key) for key in (prompt_key, answer_key)}
+    for key, value in values.items():
+        if value is _MISSING or value is None:
             raise DataError(f"{where}: field {key!r} is missing (fields: {sorted(row)}); "
-                            f"set data.{'prompt' if key == prompt_key else 'answer'}_key to the right name")
+                            f"set data.{'prompt' if key == prompt_key else 'answer'}_key to the right name "
+                            "(nested fields as a.b or a.0.b)")
+    row = {**row, prompt_key: values[prompt_key], answer_key: values[answer_key]}
     prompt = row[prompt_key]
     if not isinstance(prompt, str):
         raise DataError(f"{where}: field {prompt_key!r} must be a string, got {type(prompt).__name__}")
@@ -95,13 +115,14 @@ def format_prompt(tokenizer, prompt: str) -> str:
     return prompt
 
 
-def tokenize_rows(rows: list[dict], tokenizer, max_prompt_tokens: int, source: str) -> list[PromptRecord]:
-    """Format and tokenise every prompt; a prompt over the limit is an error naming its row."""
+def tokenize_rows(rows: list[dict], tokenizer, max_prompt_tokens: int, source: str,
+                  suffix: str = "") -> list[PromptRecord]:
+    """Format and tokenise every prompt (+ suffix); a prompt over the limit is an error naming its row."""
     if not getattr(tokenizer, "chat_template", None):
         log.warning("tokenizer has no chat template: prompts from %s are used as raw text", source)
     records = []
     for i, row in enumerate(rows):
-        text = format_prompt(tokenizer, row["prompt"])
+        text = format_prompt(tokenizer, row["prompt"] + suffix)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise DataError(f"{source} row {i}: the prompt tokenises to nothing")

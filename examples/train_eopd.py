@@ -86,9 +86,10 @@ def load_data(cfg, tokenizer):
         synthetic_rows(d.num_train_problems, d.seed, "train")
     held = load_rows(d.eval_path, d.prompt_key, d.answer_key) if d.eval_path else \
         synthetic_rows(d.num_eval_problems, d.seed, "test")
-    train_recs = tokenize_rows(train, tokenizer, d.max_prompt_tokens, d.train_path or "synthetic train split")
+    train_recs = tokenize_rows(train, tokenizer, d.max_prompt_tokens, d.train_path or "synthetic train split",
+                               d.prompt_suffix)
     eval_recs = tokenize_rows(held[:d.num_eval_problems], tokenizer, d.max_prompt_tokens,
-                              d.eval_path or "synthetic test split")
+                              d.eval_path or "synthetic test split", d.prompt_suffix)
     return PromptSampler(train_recs, cfg.trainer.batch_size, d.seed), eval_recs
 
 

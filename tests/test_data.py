@@ -73,3 +73,13 @@ def test_sampler_too_small_and_resume():
     c = PromptSampler(_records(10), 4, seed=7)
     c.load_state_dict(b.state_dict())
     assert [[r.id for r in c.next_batch()] for _ in range(3)] == seq[2:]
+
+
+def test_nested_fields_of_verl_style_parquet(tmp_path):
+    path = tmp_path / "dapo.parquet"
+    pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "What is 2+2?"}]],
+                             "reward_model": [{"ground_truth": "4", "style": "rule"}]}), path)
+    rows = load_rows(path, prompt_key="prompt.0.content", answer_key="reward_model.ground_truth")
+    assert rows[0]["prompt"] == "What is 2+2?" and rows[0]["answer"] == "4"
+    with pytest.raises(DataError, match="field 'reward_model.answer' is missing"):
+        load_rows(path, prompt_key="prompt.0.content", answer_key="reward_model.answer")
