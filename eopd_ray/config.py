@@ -243,6 +243,7 @@ class RunConfig:
 
     out_dir: str = "runs/eopd-default"  # results, checkpoints, plots and the resolved config
     ray_address: str = ""  # empty = start a local Ray on 127.0.0.1 (or join RAY_ADDRESS if set)
+    auto_resume: bool = False  # continue from the newest complete checkpoint in out_dir if one exists (job retries)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -254,6 +255,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         if not isinstance(self.out_dir, str) or not self.out_dir:
             _fail("out_dir", self.out_dir, "a directory path", "pass --out DIR")
+        if not isinstance(self.auto_resume, bool):
+            _fail("auto_resume", self.auto_resume, "true or false")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):

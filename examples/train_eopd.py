@@ -152,6 +152,9 @@ def main(argv=None) -> int:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
         ckpt = find_checkpoint(args.resume)
+        if ckpt is None and cfg.auto_resume:
+            ckpt = checkpoint.latest(Path(cfg.out_dir) / "checkpoints")
+            print(f"auto_resume: {'found ' + str(ckpt) if ckpt else 'no checkpoint in ' + cfg.out_dir + ', starting fresh'}")
         out_dir = check_out_dir(cfg.out_dir)
         models, tokenizer = resolve_models(cfg)
         sampler, eval_recs = load_data(cfg, tokenizer)
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
         start_step = state["step"]
         sampler.load_state_dict(state["sampler"])
         print(f"resuming from {ckpt} at step {start_step}")
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step if ckpt else None)
+    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step if ckpt is not None else None)
 
     init_ray(cfg.ray_address)
     t_build = time.perf_counter()

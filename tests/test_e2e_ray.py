@@ -191,3 +191,14 @@ def test_evaluate_refuses_prompts_longer_than_the_context(tmp_path, tiny_models)
            "--out", str(tmp_path / "e"), "--data-root", str(data_root)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
     assert proc.returncode == 2 and "aime24: the longest prompt has" in proc.stderr
+
+
+def test_auto_resume_continues_a_killed_run(tmp_path, tiny_models):
+    out = tmp_path / "auto"
+    args = ["trainer.max_steps=2", "eval.enabled=false", "auto_resume=true"]
+    first = run_job(out, tiny_models, *args, "--stop-after", "1")
+    assert "auto_resume: no checkpoint" in first.stdout
+    again = run_job(out, tiny_models, *args)  # what a RayJob retry runs: the same command
+    assert "auto_resume: found" in again.stdout and "step_000001" in again.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [r["step"] for r in results["train"]["metrics"]] == [1, 2]
