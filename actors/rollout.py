@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actors.faults import maybe_fail
 from eopd_ray.batch import make_rollout_table
 from eopd_ray.evaluation import grade_response, high_entropy_fraction
 from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
@@ -146,6 +147,7 @@ class RolloutWorker:
     def rollout(self, sample_ids, prompt_ids, answers, params: SamplingParams, n: int = 1):
         """Sample n responses per prompt (rows of one prompt are adjacent and share its sample_id).
         Returns (Arrow table of ROLLOUT_SCHEMA, small stats dict)."""
+        maybe_fail("rollout")
         t0 = time.perf_counter()
         if n > 1:
             sample_ids, prompt_ids, answers = ([x for x in xs for _ in range(n)] for xs in (sample_ids, prompt_ids, answers))

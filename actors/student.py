@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from actors.faults import maybe_fail
 from eopd_ray.batch import list_rows, padded_float, padded_topk, sequence_batch
 from eopd_ray.config import LossConfig, TrainerConfig
 from eopd_ray.losses import TokenStats, eopd_loss, group_normalized_advantages
@@ -28,6 +29,10 @@ from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
 _SUMMED = ("loss/total", "loss/pg", "loss/fkl", "loss/entropy")
 # Means over a subset of tokens are weighted by that subset's count; all other means by masked tokens.
 _WEIGHTS = {"fkl/gated_mean": "tokens/gated", "fkl/high_entropy_mean": "tokens/high_entropy"}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A mini-batch produced a NaN or infinite loss and trainer.on_nonfinite is `stop`."""
 
 
 def cosine_schedule(total_updates: int, warmup_ratio: float, min_lr_ratio: float):
@@ -106,6 +111,7 @@ class StudentTrainer:
         tables: `num_parts` rollout tables, then the `num_parts` teacher tables scored from them (passed
         flat so Ray resolves each object ref). Returns token-weighted metrics, equal on every rank.
         """
+        maybe_fail("student")
         t0 = time.perf_counter()
         rollout, teacher = pa.concat_tables(tables[:num_parts]), pa.concat_tables(tables[num_parts:])
         if not np.array_equal(rollout.column("sample_id").to_numpy(), teacher.column("sample_id").to_numpy()):
@@ -134,6 +140,9 @@ class StudentTrainer:
         for key, value in reduced.items():
             if key.startswith("_w/") or key.startswith("tokens/"):
                 continue
+            if key == "train/skipped_updates":
+                out[key] = value / self.world_size
+                continue
             if key in _SUMMED or key == "optim/grad_norm" or key == "optim/lr":
                 out[key] = value / n_mini / (1 if key in _SUMMED else self.world_size)
             else:
@@ -160,6 +169,13 @@ class StudentTrainer:
         loss, metrics = eopd_loss(logits_BTV, batch.response_BT, old_logprobs_BT, teacher_stats,
                                   batch.response_mask_BT, self.loss_cfg, num_tokens=num_tokens, generator=gen,
                                   sequence_advantages=seq_adv)
+        if not self._all_finite(loss):
+            ids = rollout.column("sample_id").to_pylist()
+            if self.trainer.on_nonfinite == "stop":
+                raise NonFiniteLossError(f"non-finite loss ({float(loss)}) on the mini-batch with sample ids {ids}; "
+                                         "the run stops (trainer.on_nonfinite=stop) keeping its last checkpoint")
+            print(f"[student rank {self.rank}] skipped an update: non-finite loss on sample ids {ids}", flush=True)
+            return {"train/skipped_updates": 1.0, "tokens/masked": float(batch.num_tokens)}
         self.engine.backward(loss * self.world_size)
         # Stage 0 keeps full gradients on the parameters and DeepSpeed does not report their norm there.
         manual_norm = None
@@ -174,13 +190,22 @@ class StudentTrainer:
         weighted = {}
         n = float(metrics.get("tokens/masked", batch.num_tokens))
         for key, value in metrics.items():
-            if key in _SUMMED or key.startswith("tokens/") or key.startswith("optim/"):
+            if key in _SUMMED or key.startswith(("tokens/", "optim/", "train/")):
                 weighted[key] = float(value)
             else:
                 w = float(metrics[_WEIGHTS[key]]) if key in _WEIGHTS else n
                 weighted[key] = float(value) * w
                 weighted[f"_w/{key}"] = w
         return weighted
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Every rank decides together, so either all ranks step or none does."""
+        import torch.distributed as dist
+
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
+        if self.world_size > 1:
+            dist.all_reduce(bad)
+        return bad.item() == 0.0
 
     def _all_reduce(self, sums: dict[str, float]) -> dict[str, float]:
         import torch.distributed as dist

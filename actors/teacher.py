@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from actors.faults import maybe_fail
 from eopd_ray.batch import list_rows, make_teacher_table, sequence_batch
 from eopd_ray.losses import token_stats_from_hidden
 from eopd_ray.models import load_causal_lm, set_threads
@@ -36,6 +37,7 @@ class TeacherScorer:
     @torch.no_grad()
     def score(self, rollout: pa.Table) -> tuple[pa.Table, dict]:
         """rollout: ROLLOUT_SCHEMA table -> (TEACHER_SCHEMA table in the same row order, stats)."""
+        maybe_fail("teacher")
         t0 = time.perf_counter()
         prompts = list_rows(rollout.column("prompt_ids"))
         responses = list_rows(rollout.column("response_ids"))

@@ -15,6 +15,11 @@ import tempfile
 from pathlib import Path
 
 MANIFEST = "MANIFEST.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, or does not belong to this run's model."""
+
 FORMAT_VERSION = 1
 
 

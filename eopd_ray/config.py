@@ -190,7 +190,9 @@ class TrainerConfig:
     num_ranks: int = 1  # DeepSpeed data-parallel student ranks
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     num_cpus: float = 0.5  # Ray CPUs reserved per student rank
-    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    save_every: int = 8  # checkpoint every N steps (and at the end); a fault replays from the last one
+    max_restarts: int = 3  # actor deaths survived by rebuilding the actors from the last checkpoint
+    on_nonfinite: str = "skip"  # a NaN/inf loss: `skip` the update (logged with sample ids) or `stop` the run
     seed: int = 0  # rollout sampling and random gates derive their seeds from this and the step
 
     def validate(self, prefix: str = "trainer") -> None:
@@ -215,6 +217,9 @@ class TrainerConfig:
             _fail(f"{prefix}.zero_stage", self.zero_stage, "0, 1, 2 or 3")
         _check_range(f"{prefix}.num_cpus", self.num_cpus, lo=0)
         _check_range(f"{prefix}.save_every", self.save_every, lo=0, integer=True)
+        _check_range(f"{prefix}.max_restarts", self.max_restarts, lo=0, integer=True)
+        if self.on_nonfinite not in ("skip", "stop"):
+            _fail(f"{prefix}.on_nonfinite", self.on_nonfinite, "skip or stop")
         _check_range(f"{prefix}.seed", self.seed, lo=0, integer=True)
 
 

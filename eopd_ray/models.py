@@ -38,3 +38,16 @@ def set_threads(n: int | None) -> None:
     """Cap intra-op threads inside an actor so co-located actors do not oversubscribe the CPU."""
     if n and n > 0:
         torch.set_num_threads(int(n))
+
+
+ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "vocab_size")
+
+
+def architecture_mismatch(checkpoint_dir: str, model_path: str, trust_remote_code: bool = False) -> list[str]:
+    """Fields of ARCH_FIELDS that differ between a checkpoint's HF config and the configured model."""
+    from transformers import AutoConfig
+
+    a = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=trust_remote_code).to_dict()
+    b = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).to_dict()
+    return [f"{k}: checkpoint {a.get(k)!r} vs model {b.get(k)!r}" for k in ARCH_FIELDS if a.get(k) != b.get(k)]

@@ -50,12 +50,17 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict] = []
         if resume_step is not None and path.exists():
-            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-            os.replace(tmp, path)
+            self.rows = [json.loads(line) for line in path.read_text().splitlines()]
+            self.truncate(resume_step)
         elif path.exists():
             path.unlink()
+
+    def truncate(self, step: int) -> None:
+        """Drop rows after `step` (a fault replays those steps)."""
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.path)
 
     def append(self, row: dict) -> None:
         self.rows.append(row)

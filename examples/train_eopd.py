@@ -2,7 +2,7 @@
 
     python examples/train_eopd.py                                  # embedded default: tiny models, CPU
     python examples/train_eopd.py loss.objective=opd --out runs/opd
-    python examples/train_eopd.py --config examples/configs/default.yaml trainer.max_steps=3
+    python examples/train_eopd.py --config examples/configs/tiny_eopd.yaml trainer.max_steps=3
     python examples/train_eopd.py --resume runs/eopd-default        # continue the last checkpoint
 
 Build (config, models, data: all checked before Ray starts) -> loop (generate, score, train, sync, log,
@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -26,14 +27,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from actors.group import ActorGroup  # noqa: E402
 from actors.build import ResolvedModels, build_rollouts, build_students, build_teachers, init_ray  # noqa: E402
 from actors.eval_runner import evaluate_on_workers  # noqa: E402
 from actors.rollout import SamplingParams  # noqa: E402
+from actors.student import NonFiniteLossError  # noqa: E402
 from actors.weight_sync import ObjectStoreWeightSync  # noqa: E402
 from eopd_ray import checkpoint  # noqa: E402
 from eopd_ray.config import OFF_POLICY_OBJECTIVES, ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402
 from eopd_ray.data import DataError, PromptSampler, load_rows, synthetic_rows, tokenize_rows  # noqa: E402
-from eopd_ray.models import load_tokenizer, output_rows  # noqa: E402
+from eopd_ray.models import architecture_mismatch, load_tokenizer, output_rows  # noqa: E402
 from eopd_ray.plots import entropy_histograms, training_curves  # noqa: E402
 from eopd_ray.run_io import MetricsLog, OutputDirError, check_out_dir, save_config, write_results  # noqa: E402
 from eopd_ray.vocab import VocabMismatchError, shared_vocab_size  # noqa: E402
@@ -99,7 +102,7 @@ def find_checkpoint(resume: str | None) -> Path | None:
     path = Path(resume)
     ckpt = path if checkpoint.is_complete(path) else checkpoint.latest(path / "checkpoints")
     if ckpt is None:
-        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint found (looked for {path}/checkpoints/"
+        raise checkpoint.CheckpointError(f"--resume {resume}: no complete checkpoint found (looked for {path}/checkpoints/"
                                 "step_*/MANIFEST.json); start without --resume or point at a run directory")
     return ckpt
 
@@ -124,6 +127,81 @@ def evaluate(cfg, rollouts, eval_recs, model_path: str | None, seed: int) -> dic
     params = SamplingParams(cfg.eval.temperature, cfg.eval.top_p, cfg.rollout.max_new_tokens, seed)
     return evaluate_on_workers(rollouts, [r.prompt_ids for r in eval_recs], [r.answer for r in eval_recs],
                                cfg.eval.k, params, cfg.eval.high_entropy_threshold, model_path)
+
+
+ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
+              ray.exceptions.WorkerCrashedError)
+
+
+@dataclass
+class Actors:
+    rollouts: ActorGroup
+    teachers: ActorGroup
+    students: ActorGroup
+    sync: ObjectStoreWeightSync
+    on_policy: bool  # False for off-policy KD: the rollout workers keep the teacher
+
+    def shutdown(self) -> None:
+        for group in (self.rollouts, self.teachers, self.students):
+            group.shutdown()
+
+
+def build_actors(cfg, models, ckpt: Path | None) -> Actors:
+    """Rollout, teacher and student groups; the student (and the rollout copy) restored from `ckpt`."""
+    t0 = time.perf_counter()
+    rollouts, teachers = build_rollouts(cfg, models), build_teachers(cfg, models)
+    students = build_students(cfg, models)
+    actors = Actors(rollouts, teachers, students, ObjectStoreWeightSync(students, rollouts),
+                    cfg.loss.objective not in OFF_POLICY_OBJECTIVES)
+    if ckpt is not None:
+        students.run("load", str(ckpt))
+        if actors.on_policy:
+            actors.sync.sync()
+    ray.get(rollouts.call("ping") + teachers.call("ping"))
+    print(f"actors ready in {time.perf_counter() - t0:.1f} s: {len(rollouts)} rollout, {len(teachers)} teacher, "
+          f"{len(students)} student rank(s)")
+    return actors
+
+
+def restore_driver_state(ckpt: Path | None, sampler) -> int:
+    """Data position and step of a checkpoint (or of a fresh start); returns the step to run next."""
+    if ckpt is None:
+        sampler.load_state_dict({"epoch": 0, "position": 0})
+        return 0
+    state = json.loads((ckpt / "driver_state.json").read_text())
+    sampler.load_state_dict(state["sampler"])
+    return int(state["step"])
+
+
+def iteration(cfg, actors: Actors, step: int, prompts: list) -> dict:
+    """One step of Algorithm 1: generate, score, train, sync. Payloads move between actors as refs."""
+    t0 = time.perf_counter()
+    rollouts, teachers = actors.rollouts, actors.teachers
+    per_worker = len(prompts) // len(rollouts)
+    shards = [prompts[i * per_worker:(i + 1) * per_worker] for i in range(len(rollouts))]
+    roll = [a.rollout.options(num_returns=2).remote(
+        [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
+        SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
+                       seed=cfg.trainer.seed * 1_000_003 + step * 1009 + i), cfg.rollout.n_samples_per_prompt)
+        for i, (a, s) in enumerate(zip(rollouts.actors, shards))]
+    rollout_refs = [r[0] for r in roll]
+    rollout_stats = ray.get([r[1] for r in roll])
+    t1 = time.perf_counter()
+    scored = [teachers.actors[i % len(teachers)].score.options(num_returns=2).remote(ref)
+              for i, ref in enumerate(rollout_refs)]
+    teacher_refs = [s[0] for s in scored]
+    teacher_stats = ray.get([s[1] for s in scored])  # the payload itself stays in the object store
+    t2 = time.perf_counter()
+    train_metrics = actors.students.run("train_step", step, len(rollout_refs), *rollout_refs, *teacher_refs)[0]
+    t3 = time.perf_counter()
+    sync_metrics = actors.sync.sync() if actors.on_policy else {}
+    row = {"step": step + 1, **train_metrics, **sync_metrics}
+    for stats in (rollout_stats, teacher_stats):
+        for key in stats[0]:
+            row[key] = sum(s[key] for s in stats) / len(stats)
+    row.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/train_phase": t3 - t2,
+                "time/step": time.perf_counter() - t0})
+    return row
 
 
 def eval_report(results: dict, threshold: float) -> list[str]:
@@ -157,84 +235,75 @@ def main(argv=None) -> int:
             print(f"auto_resume: {'found ' + str(ckpt) if ckpt else 'no checkpoint in ' + cfg.out_dir + ', starting fresh'}")
         out_dir = check_out_dir(cfg.out_dir)
         models, tokenizer = resolve_models(cfg)
+        if ckpt is not None and (diff := architecture_mismatch(str(ckpt / "hf"), models.student_path)):
+            raise checkpoint.CheckpointError(f"checkpoint {ckpt} belongs to another model ({'; '.join(diff)}); resume "
+                                    "with the model.student it was trained from, or start a new --out")
         sampler, eval_recs = load_data(cfg, tokenizer)
-    except (ConfigError, DataError, VocabMismatchError, OutputDirError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, VocabMismatchError, OutputDirError, checkpoint.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2))
     save_config(cfg, out_dir)
-    start_step = 0
+    start_step = restore_driver_state(ckpt, sampler)
     if ckpt is not None:
-        state = json.loads((ckpt / "driver_state.json").read_text())
-        start_step = state["step"]
-        sampler.load_state_dict(state["sampler"])
         print(f"resuming from {ckpt} at step {start_step}")
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step if ckpt is not None else None)
 
     init_ray(cfg.ray_address)
-    t_build = time.perf_counter()
-    rollouts, teachers = build_rollouts(cfg, models), build_teachers(cfg, models)
-    students = build_students(cfg, models)
-    sync = ObjectStoreWeightSync(students, rollouts)
-    on_policy = cfg.loss.objective not in OFF_POLICY_OBJECTIVES  # kd keeps the teacher in the rollout workers
-    if ckpt is not None:
-        students.run("load", str(ckpt))
-        if on_policy:
-            sync.sync()
-    ray.get(rollouts.call("ping") + teachers.call("ping"))
-    print(f"actors ready in {time.perf_counter() - t_build:.1f} s: {len(rollouts)} rollout, "
-          f"{len(teachers)} teacher, {len(students)} student rank(s)")
+    actors = build_actors(cfg, models, ckpt)
 
     # ---- loop: generate -> score -> train -> sync -> log ------------------------------------------------
     t = cfg.trainer
-    per_worker = t.batch_size // len(rollouts)
-    bar = tqdm(range(start_step, t.max_steps), initial=start_step, total=t.max_steps, desc="EOPD", unit="step")
-    for step in bar:
-        t0 = time.perf_counter()
+    step, restarts = start_step, 0
+    bar = tqdm(total=t.max_steps, initial=start_step, desc=cfg.loss.objective.upper(), unit="step")
+    while step < t.max_steps:
         prompts = sampler.next_batch()
-        shards = [prompts[i * per_worker:(i + 1) * per_worker] for i in range(len(rollouts))]
-        roll = [a.rollout.options(num_returns=2).remote(
-            [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
-            SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                           seed=t.seed * 1_000_003 + step * 1009 + i), cfg.rollout.n_samples_per_prompt)
-            for i, (a, s) in enumerate(zip(rollouts.actors, shards))]
-        rollout_refs = [r[0] for r in roll]
-        rollout_stats = ray.get([r[1] for r in roll])
-        t1 = time.perf_counter()
-        scored = [teachers.actors[i % len(teachers)].score.options(num_returns=2).remote(ref)
-                  for i, ref in enumerate(rollout_refs)]
-        teacher_refs = [s[0] for s in scored]
-        teacher_stats = ray.get([s[1] for s in scored])  # the payload itself stays in the object store
-        t2 = time.perf_counter()
-        train_metrics = students.run("train_step", step, len(rollout_refs), *rollout_refs, *teacher_refs)[0]
-        t3 = time.perf_counter()
-        sync_metrics = sync.sync() if on_policy else {}
-        row = {"step": step + 1, **train_metrics, **sync_metrics}
-        for key in rollout_stats[0]:
-            row[key] = sum(s[key] for s in rollout_stats) / len(rollout_stats)
-        for key in teacher_stats[0]:
-            row[key] = sum(s[key] for s in teacher_stats) / len(teacher_stats)
-        row.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/train_phase": t3 - t2,
-                    "time/step": time.perf_counter() - t0})
+        try:
+            row = iteration(cfg, actors, step, prompts)
+        except ACTOR_DIED as exc:  # a worker process died: rebuild everything from the last checkpoint
+            restarts += 1
+            ckpt = checkpoint.latest(out_dir / "checkpoints")
+            if restarts > t.max_restarts:
+                raise SystemExit(f"error: {restarts} actor failures (trainer.max_restarts={t.max_restarts}); "
+                                 f"last good checkpoint: {ckpt or 'none'}. Last failure: {exc}") from None
+            tqdm.write(f"[fault] {type(exc).__name__} at step {step + 1}: {str(exc).splitlines()[0]}; restart "
+                       f"{restarts}/{t.max_restarts}: rebuilding the actors from {ckpt or 'the initial weights'}")
+            actors.shutdown()
+            actors = build_actors(cfg, models, ckpt)
+            step = restore_driver_state(ckpt, sampler)
+            log.truncate(step)
+            bar.n = step
+            bar.refresh()
+            continue
+        except ray.exceptions.RayTaskError as exc:
+            if not isinstance(exc.cause, NonFiniteLossError):
+                raise
+            print(f"error: {exc.cause}", file=sys.stderr)  # trainer.on_nonfinite=stop
+            actors.shutdown()
+            return 3
         log.append(row)
-        bar.set_postfix({"loss": f"{row['loss/total']:.3f}", "acc": f"{row['rollout/accuracy']:.2f}",
-                         "gate": f"{row['gate/fraction']:.2f}", "H_s": f"{row['student/entropy']:.2f}"})
+        bar.update(1)
+        bar.set_postfix({"loss": f"{row.get('loss/total', float('nan')):.3f}", "acc": f"{row['rollout/accuracy']:.2f}",
+                         "gate": f"{row.get('gate/fraction', 0):.2f}", "H_s": f"{row.get('student/entropy', 0):.2f}"})
         tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in row.items() if not k.startswith("time/")
                             and k != "step") + f"  [step {step + 1}, {row['time/step']:.1f}s]")
-        stop_now = args.stop_after and step + 1 >= args.stop_after
-        if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 == t.max_steps or stop_now:
-            save_checkpoint(out_dir, step + 1, students, sampler)
+        step += 1
+        stop_now = args.stop_after and step >= args.stop_after
+        if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stop_now:
+            save_checkpoint(out_dir, step, actors.students, sampler)
         if stop_now:
-            print(f"stopping after step {step + 1} (--stop-after); continue with --resume {out_dir}")
+            print(f"stopping after step {step} (--stop-after); continue with --resume {out_dir}")
             break
+    bar.close()
     interrupted = bool(args.stop_after) and args.stop_after < t.max_steps
 
     # ---- evaluate teacher, initial and trained student; write results ----------------------------------
     eval_results = {}
+    rollouts = actors.rollouts
     if cfg.eval.enabled and not interrupted:
-        if not on_policy:  # the rollout workers held the teacher: give them the student, then its weights
+        if not actors.on_policy:  # the rollout workers held the teacher: give them the student, then its weights
             rollouts.run("load_model", models.student_path)
-            sync.sync()
+            actors.sync.sync()
         seed = t.seed + 777
         eval_results["student"] = evaluate(cfg, rollouts, eval_recs, None, seed)
         eval_results["student_initial"] = evaluate(cfg, rollouts, eval_recs, models.student_path, seed)
@@ -249,8 +318,7 @@ def main(argv=None) -> int:
         print(f"wrote {write_results(out_dir, cfg, log.rows, eval_results, report)}")
 
     # ---- clean up -------------------------------------------------------------------------------------
-    for group in (rollouts, teachers, students):
-        group.shutdown()
+    actors.shutdown()
     ray.shutdown()
     return 0
 

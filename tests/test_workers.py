@@ -168,3 +168,26 @@ def test_checkpoint_round_trip(setup, trainer, tmp_path):
     for k, v in tr.engine.module.state_dict().items():
         assert torch.equal(saved[k], v), k
     assert tr.engine.get_lr()[0] == pytest.approx(lr_saved)
+
+
+def test_non_finite_loss_is_skipped_or_stops(setup, trainer):
+    import pyarrow as pa
+
+    from actors.student import NonFiniteLossError
+
+    tr, _, scored = trainer
+    col = scored.column("teacher_logprobs").combine_chunks()
+    values = col.values.to_numpy().copy()
+    values[0] = np.nan  # a NaN inside the response mask of row 0
+    bad = scored.set_column(scored.schema.get_field_index("teacher_logprobs"), "teacher_logprobs",
+                            pa.ListArray.from_arrays(col.offsets, pa.array(values)))
+    before = {k: v.clone() for k, v in tr.engine.module.state_dict().items()}
+    metrics = tr.train_step(5, 1, setup["table"], bad)
+    assert metrics["train/skipped_updates"] == 1.0
+    assert all(torch.equal(before[k], v) for k, v in tr.engine.module.state_dict().items())
+    tr.trainer.on_nonfinite = "stop"
+    try:
+        with pytest.raises(NonFiniteLossError, match=r"sample ids \[0,"):
+            tr.train_step(5, 1, setup["table"], bad)
+    finally:
+        tr.trainer.on_nonfinite = "skip"

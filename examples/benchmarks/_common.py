@@ -1,0 +1,404 @@
+"""Shared pieces of the benchmark scripts: environment, models, timing, memory, figures and output.
+
+Timing: compared variants run interleaved (A, B, B, A, A, B, ... the order alternates every repetition)
+after warm-up runs, and a ratio is the median of the per-repetition ratios, so a load change on the machine
+hits both sides of a pair alike. Absolute times are medians.
+
+Memory (CPU): peak resident-set growth of this process over a call. Before the call the kernel's
+high-water mark is reset to the current RSS (`/proc/self/clear_refs` <- "5", Linux >= 4.0) after
+`gc.collect()` and `malloc_trim(0)`; after it `VmHWM - VmRSS(before)` is read from `/proc/self/status`.
+glibc serves allocations above its mmap threshold with mmap and gives them back on free, so every
+tensor of that size shows in RSS while it lives and leaves it when freed; `use_exact_malloc()` fixes
+the threshold at 256 KiB (glibc otherwise raises it up to 32 MiB at run time and smaller tensors come
+from a heap that does not shrink). It is called only before the memory phase of a script, after the
+timings, so it never changes a timing. Tensors below 256 KiB and Python objects may reuse heap memory and
+be under-counted; the V-wide tensors that matter here are far larger. Where `clear_refs` cannot be
+written, a 1 ms RSS sampler thread stands in (it can miss peaks shorter than that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# Before any `import ray`: Ray on 127.0.0.1, no token, no usage report.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+PAPER_VOCAB = 151_936  # Qwen3's padded vocabulary
+
+
+# ------------------------------------------------------------------------------------------ machine
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                            "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+    try:
+        cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        info["cpu_model"] = cpu.group(1).strip() if cpu else platform.processor()
+        mem = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        info["memory_gib"] = round(int(mem.group(1)) * 1024 / GIB, 1) if mem else None
+    except OSError:
+        pass
+    for mod in ("transformers", "ray", "deepspeed", "pyarrow"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a version is informational only
+            pass
+    return info
+
+
+def available_memory_bytes() -> int:
+    try:
+        m = re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        return int(m.group(1)) * 1024 if m else 0
+    except OSError:
+        return 0
+
+
+# ------------------------------------------------------------------------------------------ timing
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
+                after: Callable[[str, Any], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, run interleaved; the order alternates every repetition.
+    `after(name, result)` runs after each timed call, outside the timing."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            gc.collect()
+            t0 = time.perf_counter()
+            res = fns[n]()
+            out[n].append(time.perf_counter() - t0)
+            if after is not None:
+                after(n, res)
+    return out
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median over repetitions of num[i] / den[i]."""
+    return median([a / b for a, b in zip(num, den) if b > 0])
+
+
+# ------------------------------------------------------------------------------------------ memory
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    return _LIBC
+
+
+def use_exact_malloc(threshold: int = 256 * 1024) -> bool:
+    """Fix glibc's mmap threshold (M_MMAP_THRESHOLD = -3) so freed large blocks leave RSS at once."""
+    libc = _libc()
+    return bool(libc and libc.mallopt(-3, threshold))
+
+
+def _status_bytes(key: str) -> int:
+    m = re.search(key + r":\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(m.group(1)) * 1024 if m else 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_growth(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """(peak RSS during fn() minus RSS before it, in bytes; fn's result). See the module doc."""
+    gc.collect()
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+    base = _status_bytes("VmRSS")
+    if _reset_hwm():
+        res = fn()
+        peak = _status_bytes("VmHWM")
+        return max(0, peak - base), res
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _status_bytes("VmRSS"))
+            time.sleep(0.001)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        res = fn()
+    finally:
+        stop.set()
+        th.join()
+    peak[0] = max(peak[0], _status_bytes("VmRSS"))
+    return max(0, peak[0] - base), res
+
+
+MEMORY_METHOD = ("peak RSS growth over the call: /proc/self/clear_refs=5 resets VmHWM to VmRSS, then "
+                 "VmHWM - VmRSS(before); glibc mmap threshold fixed at 256 KiB (mallopt) during memory runs")
+
+
+# ------------------------------------------------------------------------------------------ models
+def tiny_pair(teacher: str | None, student: str | None) -> tuple[str, str]:
+    """The command-line models, or the embedded tiny pair (built and cached on first use)."""
+    if teacher and student:
+        return str(teacher), str(student)
+    from eopd_ray.tiny_models import ensure_tiny_models
+
+    t, s = ensure_tiny_models()
+    return str(teacher or t), str(student or s)
+
+
+@dataclass(frozen=True)
+class RandomSpec:
+    """A randomly initialised Qwen3 (the shape is what matters for speed and memory)."""
+
+    hidden: int = 256
+    layers: int = 2
+    vocab: int = PAPER_VOCAB
+    heads: int = 4
+    intermediate: int = 0  # 0 = 3 x hidden
+    tie: bool = True
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"qwen3-h{self.hidden}-l{self.layers}-v{self.vocab}"
+
+    def key(self) -> str:
+        return (f"{self.name}-a{self.heads}-i{self.intermediate or 3 * self.hidden}-t{int(self.tie)}"
+                f"-s{self.seed}")
+
+
+def bench_cache_dir() -> Path:
+    root = os.environ.get("EOPD_RAY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "eopd_ray")
+    return Path(root) / "bench-models"
+
+
+def word_tokenizer(vocab: int):
+    """A WordLevel tokenizer with exactly `vocab` ids: <pad> <bos> <eos> <unk>, then t4, t5, ..."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"t{i}" for i in range(4, vocab)]
+    tk = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(names)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", clean_up_tokenization_spaces=False, padding_side="left")
+
+
+def random_model_dir(spec: RandomSpec, cache: Path | None = None) -> str:
+    """Build (once, cached) an HF directory holding a random Qwen3 of `spec` and a matching tokenizer."""
+    import shutil
+    import uuid
+
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    final = (cache or bench_cache_dir()) / spec.key()
+    if (final / "COMPLETE").exists():
+        return str(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{spec.key()}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tok = word_tokenizer(spec.vocab)
+    head_dim = max(8, spec.hidden // spec.heads)
+    cfg = Qwen3Config(vocab_size=spec.vocab, hidden_size=spec.hidden,
+                      intermediate_size=spec.intermediate or 3 * spec.hidden, num_hidden_layers=spec.layers,
+                      num_attention_heads=spec.heads, num_key_value_heads=spec.heads, head_dim=head_dim,
+                      max_position_embeddings=8192, tie_word_embeddings=spec.tie, rms_norm_eps=1e-6,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = Qwen3ForCausalLM(cfg).float()
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True,
+                                               temperature=1.0, top_p=1.0, top_k=0)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "COMPLETE").write_text(json.dumps({"spec": spec.key()}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(final)
+
+
+def model_param_bytes(path: str) -> int:
+    """Bytes of the unique parameters as saved (tied weights once): the safetensors files' sizes."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------ figures
+@dataclass
+class Figure:
+    value: float
+    unit: str = ""
+    target: str | None = None  # "<= 1.05" or ">= 0.9"; None = informational
+    note: str = ""
+
+    def passed(self) -> bool | None:
+        return check_target(self.value, self.target)
+
+
+def check_target(value: float, target: str | None) -> bool | None:
+    if not target or value is None or not math.isfinite(value):
+        return None if not target else False
+    op, num = target.split()
+    return value <= float(num) if op == "<=" else value >= float(num)
+
+
+@dataclass
+class Report:
+    """What a benchmark script writes: flat figures plus free-form detail rows."""
+
+    benchmark: str
+    figures: dict[str, Figure] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, name: str, value: float, unit: str = "", target: str | None = None, note: str = "") -> None:
+        self.figures[name] = Figure(float(value), unit, target, note)
+
+    def to_dict(self, elapsed_s: float) -> dict:
+        return {"benchmark": self.benchmark, "machine": machine_info(), "config": self.config,
+                "elapsed_s": round(elapsed_s, 2), "memory_method": MEMORY_METHOD, "notes": self.notes,
+                "figures": {k: {"value": f.value, "unit": f.unit, "target": f.target, "pass": f.passed(),
+                                "note": f.note} for k, f in self.figures.items()},
+                "rows": self.rows}
+
+    def print(self) -> None:
+        print(f"\n== {self.benchmark} ==")
+        if self.rows:
+            print_table(self.rows)
+            print()
+        print_table([{"figure": k, "value": fmt(f.value), "unit": f.unit, "target": f.target or "",
+                      "pass": {True: "pass", False: "MISS", None: ""}[f.passed()]}
+                     for k, f in self.figures.items()])
+        for n in self.notes:
+            print(f"note: {n}")
+
+    def write(self, path: str | None, elapsed_s: float) -> None:
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(self.to_dict(elapsed_s), indent=2, default=_json_default))
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v == 0:
+            return "0"
+        a = abs(v)
+        if a >= 1e5:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:.1f}"
+        if a >= 1:
+            return f"{v:.3f}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", help="teacher model directory (default: the embedded tiny teacher)")
+    p.add_argument("--student", help="student model directory (default: the embedded tiny student)")
+    p.add_argument("--hidden", type=int, default=256, help="large config: random Qwen3 hidden size")
+    p.add_argument("--layers", type=int, default=2, help="large config: random Qwen3 layers")
+    p.add_argument("--vocab", type=int, default=PAPER_VOCAB, help="large config: vocabulary (paper: 151,936)")
+    p.add_argument("--heads", type=int, default=4, help="large config: attention heads")
+    p.add_argument("--no-large", action="store_true", help="skip the large-vocabulary random-model config")
+    p.add_argument("--reps", type=int, default=0, help="timed repetitions per variant (0 = the script's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (smoke runs)")
+    p.add_argument("--json", help="write the figures and rows to this JSON file")
+    return p
+
+
+def large_spec(args) -> RandomSpec | None:
+    if args.no_large:
+        return None
+    return RandomSpec(hidden=args.hidden, layers=args.layers, vocab=args.vocab, heads=args.heads)
+
+
+def set_threads(args) -> int:
+    import torch
+
+    n = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def init_local_ray():
+    """Local Ray on 127.0.0.1 through the project's own `init_ray` (no dashboard, loopback only)."""
+    import ray
+
+    from actors.build import init_ray
+
+    init_ray("")
+    return ray

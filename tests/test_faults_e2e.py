@@ -1,0 +1,58 @@
+"""Fault tolerance through Ray: killed workers are rebuilt from the last checkpoint and the run ends as if
+nothing happened; a recurring fault stops the run with a clear error and keeps the last good checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_e2e_ray import final_weights, run_job
+
+pytestmark = pytest.mark.e2e
+ARGS = ["trainer.max_steps=4", "trainer.save_every=2", "eval.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, tiny_models):
+    out = tmp_path_factory.mktemp("clean") / "run"
+    run_job(out, tiny_models, *ARGS)
+    return out
+
+
+def _faults(tmp_path, faults, monkeypatch):
+    path = tmp_path / "faults.json"
+    path.write_text(json.dumps(faults))
+    monkeypatch.setenv("EOPD_FAULT_INJECT", str(path))
+    return path
+
+
+def test_killed_rollout_and_student_workers_are_recovered(tmp_path, tiny_models, clean_run, monkeypatch):
+    # The rollout worker dies in step 3 (after the step-2 checkpoint); the new student rank dies in its first
+    # training call after that restart. Both are replayed from the step-2 checkpoint.
+    path = _faults(tmp_path, [{"role": "rollout", "call": 3}, {"role": "student", "call": 2}], monkeypatch)
+    out = tmp_path / "faulty"
+    proc = run_job(out, tiny_models, *ARGS)
+    assert json.loads(path.read_text()) == []  # both faults fired
+    assert proc.stderr.count("[fault]") + proc.stdout.count("[fault]") == 2
+    a = json.loads((clean_run / "results.json").read_text())["train"]["metrics"]
+    b = json.loads((out / "results.json").read_text())["train"]["metrics"]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]  # no step lost, none logged twice
+    for ra, rb in zip(a, b):
+        assert rb["loss/total"] == pytest.approx(ra["loss/total"], rel=1e-5, abs=1e-7)
+    wa, wb = final_weights(clean_run), final_weights(out)
+    for k in wa:  # no update applied twice or lost
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+
+
+def test_recurring_fault_stops_with_a_clear_error(tmp_path, tiny_models, monkeypatch):
+    _faults(tmp_path, [{"role": "teacher", "call": 3}] + [{"role": "teacher", "call": 1}] * 3, monkeypatch)
+    out = tmp_path / "doomed"
+    proc = run_job(out, tiny_models, *ARGS, "trainer.max_restarts=2", check=False)
+    assert proc.returncode != 0
+    assert "3 actor failures (trainer.max_restarts=2)" in proc.stderr
+    assert "step_000002" in proc.stderr  # names the last good checkpoint, which is still there and complete
+    from eopd_ray import checkpoint
+
+    assert checkpoint.latest(out / "checkpoints").name == "step_000002"
