@@ -1,10 +1,12 @@
 """Tiny teacher and student models for the embedded task (`eopd_ray.task`), built offline in about a minute.
 
-Both are `Qwen3ForCausalLM` over one character-level tokenizer. The teacher is trained on uniformly sampled
-solution traces (every combination order), so its entropy is about ln(number of valid choices) at decision
-points and near 0 elsewhere; the student is smaller, trained for fewer steps and only on the left-to-right
-trace, so it is mode-collapsed at decision points and makes arithmetic slips: weaker, but improvable by
-on-policy distillation. `ensure_tiny_models()` caches the build under a hash of its config, atomically.
+Both are `Qwen3ForCausalLM` over one character-level tokenizer. The teacher learns the exact distribution
+over valid continuations (every accumulation order), so its entropy is about ln(number of valid choices) at
+decision points and near 0 elsewhere. The student is smaller, trained for fewer steps on traces that are
+left-to-right 75% of the time: it mostly follows one order (low diversity), keeps count of used terms only
+partly and slips on sums: weaker, but able to learn the teacher's choices by on-policy distillation (a
+student trained on left-to-right traces alone never learns which terms are unused, and forward KL toward
+the teacher's spread then breaks it). `ensure_tiny_models()` caches the build under a hash of its config.
 
 Tokenizer convention (as Qwen's): encoding text adds no special tokens; the chat template renders a user
 message as ``<bos>`` + prompt, an assistant message as its text + ``<eos>``; `add_generation_prompt` adds
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -65,8 +68,7 @@ class TinyModelsConfig:
 
     teacher: TinyModelSpec = field(default_factory=TinyModelSpec)
     student: TinyModelSpec = field(default_factory=lambda: TinyModelSpec(
-        hidden_size=64, num_layers=2, num_heads=4, steps=500, lr=3e-3,
-        traces="canonical", targets="hard"))
+        hidden_size=96, num_layers=2, num_heads=8, steps=700, lr=1e-3, targets="hard", canonical_frac=0.75))
     batch_size: int = 32  # sequences per optimizer step
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_frac: float = 0.05  # share of steps with linear warmup
@@ -77,22 +79,24 @@ class TinyModelsConfig:
     distinct: bool = T.DISTINCT  # task: terms of a problem differ
     num_threads: int = 1  # torch threads while building (0 = torch's default); a 2nd thread gains little on
     # matrices this small, and OpenMP threads stall badly when other processes hold the cores
+    parallel: bool = True  # train the student in a child process while the teacher trains (2+ CPUs only)
 
     def validate(self) -> None:
         for name, s in (("teacher", self.teacher), ("student", self.student)):
-            if s.traces not in ("all", "canonical"):
-                raise ValueError(f"tiny_models.{name}.traces={s.traces!r} is invalid: allowed all, canonical")
-            if s.targets not in ("soft", "hard"):
-                raise ValueError(f"tiny_models.{name}.targets={s.targets!r} is invalid: allowed soft, hard")
-            if s.hidden_size % s.num_heads:
-                raise ValueError(f"tiny_models.{name}.hidden_size={s.hidden_size} is not a multiple of "
-                                 f"num_heads={s.num_heads}")
-            if s.steps < 1:
-                raise ValueError(f"tiny_models.{name}.steps={s.steps} is invalid: allowed an integer >= 1")
+            for bad, field_, value, allowed in [
+                (s.traces not in ("all", "canonical"), "traces", s.traces, "all, canonical"),
+                (s.targets not in ("soft", "hard"), "targets", s.targets, "soft, hard"),
+                (s.hidden_size % s.num_heads != 0, "hidden_size", s.hidden_size, "a multiple of num_heads"),
+                (not 0 <= s.canonical_frac <= 1, "canonical_frac", s.canonical_frac, "a number in [0, 1]"),
+                (s.steps < 1, "steps", s.steps, "an integer >= 1")]:
+                if bad:
+                    raise ValueError(f"tiny_models.{name}.{field_}={value!r} is invalid: allowed {allowed}")
 
     def key(self) -> str:
-        """Short hash of the config and VERSION: the cache subdirectory name."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + VERSION
+        """Short hash of the config (less `parallel`, which changes no weight) and VERSION: the cache
+        subdirectory name."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "parallel"}
+        blob = json.dumps(fields, sort_keys=True) + VERSION
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -140,12 +144,9 @@ def _make_model(spec: TinyModelSpec, tok, seed: int):
 def _targets(terms: tuple[int, ...], trace: str, soft: bool, eos_id: int):
     """(response position, token id, probability) triples of one trace's targets; position len(trace) is
     the end of the response (token eos)."""
-    ids = _CHAR_IDS
-    if soft:
-        dists = T.next_char_distributions(T.problem_from_terms(terms), trace)
-    else:
-        dists = [{c: 1.0} for c in trace] + [{"": 1.0}]
-    trip = [(i, ids[ch] if ch else eos_id, pr) for i, d in enumerate(dists) for ch, pr in d.items()]
+    dists = (T.next_char_distributions(T.problem_from_terms(terms), trace) if soft
+             else [{c: 1.0} for c in trace] + [{"": 1.0}])
+    trip = [(i, _CHAR_IDS[ch] if ch else eos_id, pr) for i, d in enumerate(dists) for ch, pr in d.items()]
     return tuple(np.asarray(x) for x in zip(*trip))
 
 
@@ -182,11 +183,9 @@ def _train_model(model, tok, spec: TinyModelSpec, cfg: TinyModelsConfig, seed: i
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     warm = max(1, int(cfg.warmup_frac * spec.steps))
 
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
+    def lr_at(step: int) -> float:  # linear warmup, then cosine from 1 to 0.1
         t = (step - warm) / max(1, spec.steps - warm)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+        return (step + 1) / warm if step < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * t))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
@@ -214,39 +213,65 @@ def _train_model(model, tok, spec: TinyModelSpec, cfg: TinyModelsConfig, seed: i
 def build_tiny_models(out_dir, cfg: TinyModelsConfig | None = None,
                       progress: bool = True) -> tuple[Path, Path]:
     """Train and save ``out_dir/teacher`` and ``out_dir/student`` (HF format: model.safetensors, config.json,
-    generation_config.json, tokenizer files). Deterministic for a given config and thread count; the
-    caller's torch RNG state and thread count are left as they were."""
+    generation_config.json, tokenizer files). With `cfg.parallel` and 2+ usable CPUs the student trains in a
+    child process meanwhile. Deterministic for a given config and thread count; the caller's torch RNG state
+    and thread count are left as they were."""
     cfg = cfg or TinyModelsConfig()
     cfg.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info: dict = {"version": VERSION, "config": dataclasses.asdict(cfg)}
+    child = None
+    if cfg.parallel and len(os.sched_getaffinity(0)) >= 2:  # a fresh interpreter: no __main__ re-import
+        root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        child = subprocess.Popen([sys.executable, "-m", "eopd_ray.tiny_models", "--build-one", "student",
+                                  str(out_dir), json.dumps(dataclasses.asdict(cfg))],
+                                 env=dict(os.environ, PYTHONPATH=path))
+    try:
+        info["teacher"] = _build_one(out_dir, cfg, "teacher", progress)
+        if child is None:
+            info["student"] = _build_one(out_dir, cfg, "student", progress)
+        elif child.wait() != 0:
+            raise RuntimeError(f"building the tiny student in a child process failed (exit code "
+                               f"{child.returncode}, error printed above); retry with parallel=False")
+        else:
+            info["student"] = json.loads((out_dir / ".student.json").read_text())
+            (out_dir / ".student.json").unlink()
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+    (out_dir / "build_info.json").write_text(json.dumps(info, indent=2))
+    return out_dir / "teacher", out_dir / "student"
+
+
+def _build_one(out_dir: Path, cfg: TinyModelsConfig, name: str, progress: bool) -> dict:
+    """Train and save one model into ``out_dir/name``; returns facts about the build."""
     prev_threads = torch.get_num_threads()
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     try:
         with torch.random.fork_rng(devices=[]):
-            return _build(Path(out_dir), cfg, progress)
+            i = ("teacher", "student").index(name)
+            spec = getattr(cfg, name)
+            t0 = time.perf_counter()
+            tok = build_tokenizer()
+            model = _make_model(spec, tok, seed=cfg.seed * 1000 + i)
+            loss = _train_model(model, tok, spec, cfg, seed=cfg.seed * 1000 + 100 + i, progress=progress,
+                                desc=f"tiny {name}")
+            model.save_pretrained(out_dir / name, safe_serialization=True)
+            tok.save_pretrained(out_dir / name)
+            return {"params": sum(p.numel() for p in model.parameters()), "final_loss": round(loss, 4),
+                    "seconds": round(time.perf_counter() - t0, 2), "torch_threads": torch.get_num_threads()}
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _build(out_dir: Path, cfg: TinyModelsConfig, progress: bool) -> tuple[Path, Path]:
-    tok = build_tokenizer()
-    info: dict = {"version": VERSION, "config": dataclasses.asdict(cfg),
-                  "torch_threads": torch.get_num_threads()}
-    dirs = []
-    for i, name in enumerate(("teacher", "student")):
-        spec = getattr(cfg, name)
-        t0 = time.perf_counter()
-        model = _make_model(spec, tok, seed=cfg.seed * 1000 + i)
-        loss = _train_model(model, tok, spec, cfg, seed=cfg.seed * 1000 + 100 + i, progress=progress,
-                            desc=f"tiny {name}")
-        d = out_dir / name
-        model.save_pretrained(d, safe_serialization=True)
-        tok.save_pretrained(d)
-        info[name] = {"params": sum(p.numel() for p in model.parameters()), "final_loss": round(loss, 4),
-                      "seconds": round(time.perf_counter() - t0, 2)}
-        dirs.append(d)
-    (out_dir / "build_info.json").write_text(json.dumps(info, indent=2))
-    return dirs[0], dirs[1]
+def _config_from_dict(d: dict) -> TinyModelsConfig:
+    d = dict(d)
+    teacher, student = TinyModelSpec(**d.pop("teacher")), TinyModelSpec(**d.pop("student"))
+    return TinyModelsConfig(teacher=teacher, student=student, **d)
 
 
 def default_cache_dir() -> Path:
@@ -288,8 +313,7 @@ def ensure_tiny_models(cache_dir=None, cfg: TinyModelsConfig | None = None,
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        print(f"[eopd_ray] tiny models ready in {time.perf_counter() - t0:.0f} s: {final}", file=sys.stderr,
-              flush=True)
+        print(f"[eopd_ray] tiny models ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return final / "teacher", final / "student"
 
 
@@ -308,8 +332,13 @@ def evaluate_model(model_or_dir, problems: Sequence[T.Problem], n: int = 1, temp
     else:
         model, tok = model_or_dir, build_tokenizer()
     model.eval()
-    torch.manual_seed(seed)
-    jobs = [p for p in problems for _ in range(n)]
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG state alone
+        torch.manual_seed(seed)
+        return _evaluate(model, tok, [p for p in problems for _ in range(n)], temperature, batch_size,
+                         max_new_tokens)
+
+
+def _evaluate(model, tok, jobs: list, temperature: float, batch_size: int, max_new_tokens: int) -> dict:
     correct = valid = noncanon = 0
     ents, branch = [], []
     for s in range(0, len(jobs), batch_size):
@@ -353,3 +382,18 @@ def sample_accuracy(model_dir, problems: Sequence[T.Problem], n: int = 1, temper
                     seed: int = 0) -> float:
     """Share of `n` samples per problem at `temperature` whose answer grades correct."""
     return evaluate_model(model_dir, problems, n=n, temperature=temperature, seed=seed)["accuracy"]
+
+
+if __name__ == "__main__":  # python -m eopd_ray.tiny_models [--cache-dir DIR]: build or find the pair
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache-dir", default=None, help="cache root (default: ~/.cache/eopd_ray/tiny-models)")
+    ap.add_argument("--build-one", nargs=3, metavar=("NAME", "OUT", "CONFIG_JSON"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.build_one:  # the child process of a parallel build
+        name, out, cfg_json = args.build_one
+        facts = _build_one(Path(out), _config_from_dict(json.loads(cfg_json)), name, progress=False)
+        (Path(out) / f".{name}.json").write_text(json.dumps(facts))
+    else:
+        print(*ensure_tiny_models(args.cache_dir), sep="\n")
