@@ -87,3 +87,27 @@ def test_unwritable_output_dir(tmp_path):
     blocker.write_text("not a directory")
     proc = run_main("--out", str(blocker / "sub"))
     assert proc.returncode == 2 and "is not writable" in proc.stderr
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_models):
+    from eopd_ray import checkpoint
+
+    teacher, student = tiny_models
+    tmp = checkpoint.begin(tmp_path / "run" / "checkpoints", 3)
+    shutil.copytree(teacher, tmp / "hf")  # an HF checkpoint of a different architecture than the student
+    (tmp / "driver_state.json").write_text('{"step": 3, "sampler": {"epoch": 0, "position": 0}}')
+    checkpoint.commit(tmp, 3)
+    proc = run_main("--out", str(tmp_path / "o"), "--resume", str(tmp_path / "run"), f"model.teacher={teacher}",
+                    f"model.student={student}")
+    assert proc.returncode == 2 and "belongs to another model" in proc.stderr and "num_hidden_layers" in proc.stderr
+
+
+def test_tokenizer_without_chat_template_is_logged(caplog):
+    from eopd_ray.data import tokenize_rows
+
+    tok = build_tokenizer()
+    tok.chat_template = None
+    with caplog.at_level("WARNING"):
+        recs = tokenize_rows([{"id": 0, "prompt": "1+2=", "answer": "3"}], tok, 16, "raw.jsonl")
+    assert "no chat template" in caplog.text and "raw.jsonl" in caplog.text
+    assert tok.decode(recs[0].prompt_ids) == "1+2="  # the raw prompt, no template applied
