@@ -1,8 +1,13 @@
 """Shared pieces of the benchmark scripts: environment, models, timing, memory, figures and output.
 
+Threads: one torch thread by default (`--threads`), the same for every compared variant; see `base_parser`.
+
 Timing: compared variants run interleaved (A, B, B, A, A, B, ... the order alternates every repetition)
 after warm-up runs, and a ratio is the median of the per-repetition ratios, so a load change on the machine
-hits both sides of a pair alike. Absolute times are medians.
+hits both sides of a pair alike. Absolute times are medians. Where the compared variants run in this one
+process, the CPU time of the process (`time.process_time`) is recorded too: with one thread it is the
+call's time on a core of its own, which other processes' load hardly changes (`*_cpu_time_ratio` figures
+cross-check the wall-clock ratios).
 
 Memory (CPU): peak resident-set growth of this process over a call. Before the call the kernel's
 high-water mark is reset to the current RSS (`/proc/self/clear_refs` <- "5", Linux >= 4.0) after
@@ -83,21 +88,36 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+class Timings(dict):
+    """name -> wall seconds per call; `.cpu`: name -> CPU seconds of this process per call."""
+
+    def __init__(self, names):
+        super().__init__({n: [] for n in names})
+        self.cpu: dict[str, list[float]] = {n: [] for n in names}
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds of this process, result) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    res = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, res
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
-                after: Callable[[str, Any], None] | None = None) -> dict[str, list[float]]:
+                after: Callable[[str, Any], None] | None = None) -> Timings:
     """Seconds per call of each fn, run interleaved; the order alternates every repetition.
     `after(name, result)` runs after each timed call, outside the timing."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
-    out: dict[str, list[float]] = {n: [] for n in names}
+    out = Timings(names)
     for r in range(reps):
         for n in (names if r % 2 == 0 else names[::-1]):
             gc.collect()
-            t0 = time.perf_counter()
-            res = fns[n]()
-            out[n].append(time.perf_counter() - t0)
+            wall, cpu, res = timed(fns[n])
+            out[n].append(wall)
+            out.cpu[n].append(cpu)
             if after is not None:
                 after(n, res)
     return out
@@ -298,6 +318,7 @@ class Report:
     rows: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # free-form detail kept in the JSON only
 
     def add(self, name: str, value: float, unit: str = "", target: str | None = None, note: str = "") -> None:
         self.figures[name] = Figure(float(value), unit, target, note)
@@ -307,7 +328,7 @@ class Report:
                 "elapsed_s": round(elapsed_s, 2), "memory_method": MEMORY_METHOD, "notes": self.notes,
                 "figures": {k: {"value": f.value, "unit": f.unit, "target": f.target, "pass": f.passed(),
                                 "note": f.note} for k, f in self.figures.items()},
-                "rows": self.rows}
+                "rows": self.rows, "extra": self.extra}
 
     def print(self) -> None:
         print(f"\n== {self.benchmark} ==")
@@ -368,13 +389,16 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", help="teacher model directory (default: the embedded tiny teacher)")
     p.add_argument("--student", help="student model directory (default: the embedded tiny student)")
-    p.add_argument("--hidden", type=int, default=256, help="large config: random Qwen3 hidden size")
-    p.add_argument("--layers", type=int, default=2, help="large config: random Qwen3 layers")
+    p.add_argument("--hidden", type=int, default=0, help="large config: random Qwen3 hidden size (256; quick 64)")
+    p.add_argument("--layers", type=int, default=0, help="large config: random Qwen3 layers (2; quick 1)")
     p.add_argument("--vocab", type=int, default=PAPER_VOCAB, help="large config: vocabulary (paper: 151,936)")
     p.add_argument("--heads", type=int, default=4, help="large config: attention heads")
     p.add_argument("--no-large", action="store_true", help="skip the large-vocabulary random-model config")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions per variant (0 = the script's default)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1; 0 = all cores). On a shared 2-core machine two OpenMP threads "
+                        "stall for whole scheduler slices whenever another process runs (a 0.08 s call measured at "
+                        "0.07-4.8 s), which no number of repetitions averages out")
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (smoke runs)")
     p.add_argument("--json", help="write the figures and rows to this JSON file")
     return p
@@ -383,13 +407,15 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
 def large_spec(args) -> RandomSpec | None:
     if args.no_large:
         return None
-    return RandomSpec(hidden=args.hidden, layers=args.layers, vocab=args.vocab, heads=args.heads)
+    hidden = args.hidden or (64 if args.quick else 256)
+    return RandomSpec(hidden=hidden, layers=args.layers or (1 if args.quick else 2), vocab=args.vocab,
+                      heads=min(args.heads, max(1, hidden // 16)))
 
 
 def set_threads(args) -> int:
     import torch
 
-    n = args.threads or os.cpu_count() or 1
+    n = args.threads if args.threads and args.threads > 0 else (os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
 
@@ -402,3 +428,8 @@ def init_local_ray():
 
     init_ray("")
     return ray
+
+
+def progress(bench: str, msg: str) -> None:
+    """A progress line on stderr (run_all keeps it in the script's log)."""
+    print(f"[{bench} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

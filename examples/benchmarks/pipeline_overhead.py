@@ -1,0 +1,196 @@
+"""The Ray pipeline's iteration time against the sum of its phases run alone in one process.
+
+    python examples/benchmarks/pipeline_overhead.py                 # tiny models, B = 32, 6 timed steps
+    python examples/benchmarks/pipeline_overhead.py --teacher T --student S --steps 10 --batch 64
+
+Ray side: `examples/train_eopd.py`'s own pieces (`resolve_models`, `load_data`, `build_actors` over the
+builders of `actors.build` and `ObjectStoreWeightSync`, and `iteration`, the loop body): 1 rollout worker,
+1 teacher, 1 student rank (ZeRO-0); generate -> score -> train_step -> weight sync, timed by the driver.
+Alone: the same phases with the plain classes in this process (`RolloutWorker.rollout`,
+`TeacherScorer.score`, `StudentTrainer.train_step` with world size 1, `export_weights` +
+`update_weights`), the same seeds and prompts, the same thread count.
+
+Threads: the headline pass gives every actor and the lone process the product's thread count
+(`actors.build._threads`: all cores, for every actor); a second, diagnostic pass (`--actor-threads N`,
+default 1, skipped with --quick) sets N threads on both sides, to separate Ray's own cost from the cost of
+several processes' OpenMP pools sharing the cores. `--threads` is not used here.
+
+Both pipelines start from the same weights and see the same prompts and seeds, so they do the same work
+step by step (the losses are compared as a check). Steps alternate Ray / alone (order flipped every step)
+after one warm-up step each; the figure is the median over steps of (Ray step) / (sum of phases alone).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+
+import _common as C  # noqa: E402  (sets sys.path and the Ray environment)
+
+
+def _train_eopd():
+    spec = importlib.util.spec_from_file_location("train_eopd", C.ROOT / "examples" / "train_eopd.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_eopd"] = mod  # dataclasses look their module up while it executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_pass(ctx: dict, threads: int, actor_threads: int | None) -> dict:
+    """One interleaved run: Ray pipeline and the phases alone, both built fresh from the model files.
+    actor_threads: override the torch threads of every actor (diagnostic; None = the product's setting)."""
+    import actors.build as build
+    from actors.rollout import RolloutWorker
+    from actors.student import StudentTrainer, free_port
+    from actors.teacher import TeacherScorer
+
+    te, cfg, models, batches, params = ctx["te"], ctx["cfg"], ctx["models"], ctx["batches"], ctx["params"]
+    # ---- Ray: train_eopd.py's own actor build and loop body ------------------------------------------
+    product_threads = build._threads
+    if actor_threads:
+        build._threads = lambda cfg: actor_threads  # read in this process when the actors are created
+    try:
+        t0 = time.perf_counter()
+        actors = te.build_actors(cfg, models, None)
+        build_s = time.perf_counter() - t0
+    finally:
+        build._threads = product_threads
+
+    def ray_step(step: int) -> dict:
+        row = te.iteration(cfg, actors, step, batches[step])
+        rollout, score, train = row["time/rollout"], row["time/score"], row["time/train_phase"]
+        return {"rollout": rollout, "score": score, "train": train, "sync": row["time/step"] - rollout - score - train,
+                "step": row["time/step"], "loss": row["loss/total"], "tokens": row["rollout/tokens"],
+                "in_actor": {"rollout": row["time/generate"], "score": row["time/teacher"],
+                             "train": row["time/train"], "sync": row["time/sync_load"]}}
+
+    # ---- alone: the same phases with the plain classes in this process ------------------------------
+    worker = RolloutWorker(models.student_path, vocab_size=models.vocab_size, num_threads=threads)
+    scorer = TeacherScorer(models.teacher_path, top_k=cfg.loss.top_k, vocab_size=models.vocab_size,
+                           pad_id=models.pad_id, chunk_size=cfg.teacher.chunk_size, num_threads=threads)
+    trainer = StudentTrainer(models.student_path, cfg.trainer, cfg.loss, rank=0, world_size=1,
+                             vocab_size=models.vocab_size, pad_id=models.pad_id, num_threads=threads)
+    trainer.setup("127.0.0.1", free_port())
+
+    def local_step(step: int) -> dict:
+        prompts = batches[step]
+        t0 = time.perf_counter()
+        table, stats = worker.rollout([r.id for r in prompts], [r.prompt_ids for r in prompts],
+                                      [r.answer for r in prompts], params(step), cfg.rollout.n_samples_per_prompt)
+        t1 = time.perf_counter()
+        scored, _ = scorer.score(table)
+        t2 = time.perf_counter()
+        train = trainer.train_step(step, 1, table, scored)
+        t3 = time.perf_counter()
+        worker.update_weights(trainer.export_weights())
+        t4 = time.perf_counter()
+        return {"rollout": t1 - t0, "score": t2 - t1, "train": t3 - t2, "sync": t4 - t3, "step": t4 - t0,
+                "loss": train["loss/total"], "tokens": stats["rollout/tokens"]}
+
+    res = {"ray": [], "alone": [], "build_s": build_s}
+    try:
+        for step in range(len(batches)):
+            for name in (["ray", "alone"] if step % 2 == 0 else ["alone", "ray"]):
+                res[name].append((ray_step if name == "ray" else local_step)(step))
+    finally:
+        actors.shutdown()
+    return res
+
+
+def summarize(report: C.Report, prefix: str, res: dict, threads: int) -> None:
+    r, a = res["ray"][1:], res["alone"][1:]  # step 0 warms both up
+    phases = ("rollout", "score", "train", "sync")
+    label = f" ({threads} thread{'s' if threads > 1 else ''} per process)"
+    for name, rows in (("ray", r), ("alone", a)):
+        report.rows.append({"pipeline": name + label, **{f"{ph}_s": C.median([x[ph] for x in rows]) for ph in phases},
+                            "step_s": C.median([x["step"] for x in rows]),
+                            "tokens_per_step": C.median([x["tokens"] for x in rows])})
+    report.rows.append({"pipeline": "ray in-actor" + label,
+                        **{f"{ph}_s": C.median([x["in_actor"][ph] for x in r]) for ph in phases}})
+    report.extra[f"{prefix or 'product_'}steps"] = {"ray": r, "alone": a, "actor_build_s": res["build_s"]}
+    ratio = C.paired_ratio([x["step"] for x in r], [x["step"] for x in a])
+    if prefix:
+        report.add(f"{prefix}step_time_ratio", ratio, "x",
+                   note=f"diagnostic: every actor and the lone process at {threads} torch thread(s)")
+        report.add(f"{prefix}ray_step_s", C.median([x["step"] for x in r]), "s")
+        report.add(f"{prefix}alone_step_s", C.median([x["step"] for x in a]), "s")
+        return
+    report.add("step_time_ratio", ratio, "x", "<= 1.15", "Ray step / sum of phases alone, median of paired steps")
+    report.add("ray_step_s", C.median([x["step"] for x in r]), "s")
+    report.add("alone_step_s", C.median([x["step"] for x in a]), "s")
+    for ph in phases:
+        report.add(f"{ph}_ratio", C.paired_ratio([x[ph] for x in r], [x[ph] for x in a]), "x",
+                   note=f"{ph} phase: Ray / alone")
+    report.add("ray_transport_s", C.median([sum(x[ph] - x["in_actor"][ph] for ph in phases) for x in r]), "s",
+               note="per step: driver-observed phase times minus the compute the actors report")
+    report.add("ray_overhead_s", C.median([x["step"] - y["step"] for x, y in zip(r, a)]), "s",
+               note="median per-step difference Ray - alone")
+    report.add("loss_max_abs_diff", max(abs(x["loss"] - y["loss"]) for x, y in zip(res["ray"], res["alone"])), "",
+               note="same work check: loss/total of Ray vs alone, every step")
+    report.add("tokens_max_abs_diff", max(abs(x["tokens"] - y["tokens"]) for x, y in zip(res["ray"], res["alone"])),
+               "tokens", note="same work check: rollout tokens of Ray vs alone")
+
+
+def main(argv=None) -> int:
+    p = C.base_parser(__doc__)
+    p.add_argument("--steps", type=int, default=0, help="timed steps (default 6; quick 2)")
+    p.add_argument("--batch", type=int, default=0, help="prompts per step B (default 32; quick 8)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="response length cap (default 40; quick 16)")
+    p.add_argument("--actor-threads", type=int, default=0,
+                   help="also run a diagnostic pass with every actor (and the lone process) at N torch threads "
+                        "(default: N = 1 except with --quick)")
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    q = args.quick
+    steps = args.steps or args.reps or (2 if q else 6)
+    batch = args.batch or (8 if q else 32)
+    mini = min(8, batch) if not q else 4
+    max_new = args.max_new_tokens or (16 if q else 40)
+    teacher_dir, student_dir = C.tiny_pair(args.teacher, args.student)
+    report = C.Report("pipeline_overhead")
+    report.config = {"steps": steps, "warmup_steps": 1, "batch_size": batch, "mini_batch_size": mini,
+                     "max_new_tokens": max_new, "teacher": teacher_dir, "student": student_dir,
+                     "rollout_workers": 1, "teacher_workers": 1, "student_ranks": 1}
+
+    te = _train_eopd()
+    from actors.rollout import SamplingParams
+    from eopd_ray.config import load_config
+
+    total = steps + 1
+    cfg = load_config(None, [f"model.teacher={teacher_dir}", f"model.student={student_dir}",
+                             f"trainer.batch_size={batch}", f"trainer.mini_batch_size={mini}",
+                             f"trainer.max_steps={total}", f"rollout.max_new_tokens={max_new}",
+                             "rollout.num_workers=1", "teacher.num_workers=1", "trainer.num_ranks=1",
+                             "data.num_train_problems=2048", "eval.enabled=false"])
+    models, tokenizer = te.resolve_models(cfg)
+    sampler, _ = te.load_data(cfg, tokenizer)
+    batches = [sampler.next_batch() for _ in range(total)]
+    t = cfg.trainer
+
+    def params(step: int, i: int = 0) -> SamplingParams:
+        return SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
+                              seed=t.seed * 1_000_003 + step * 1009 + i)
+
+    import actors.build as build
+
+    product_threads = build._threads(cfg)  # what every actor of a run gets (all cores)
+    report.config["product_actor_threads"] = product_threads
+    ray = C.init_local_ray()
+    ctx = dict(te=te, cfg=cfg, models=models, batches=batches, params=params, ray=ray)
+    passes = [("", product_threads, None)]  # headline: the product's setting, on both sides
+    if args.actor_threads or not q:
+        n = args.actor_threads or 1
+        passes.append((f"threads{n}_", n, n))
+    for prefix, local_threads, actor_threads in passes:
+        C.progress("pipeline_overhead", f"pass {prefix or 'product'}: {local_threads} thread(s) per process")
+        res = run_pass(ctx, local_threads, actor_threads)
+        summarize(report, prefix, res, local_threads)
+    ray.shutdown()
+    report.print()
+    report.write(args.json, time.perf_counter() - t_start)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
