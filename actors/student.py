@@ -235,6 +235,8 @@ class StudentTrainer:
         state = self._full_state()
         if state is None:
             return None
+        if getattr(self.engine.module.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied to the embedding: sending it twice doubles the payload
         return {k: v.to(torch.float32).numpy() for k, v in state.items()}
 
     def save(self, ckpt_dir: str) -> bool:
