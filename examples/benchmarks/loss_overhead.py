@@ -12,14 +12,17 @@
 2. Loss alone: `eopd_loss` + backward on float32 student logits (1, T, V = 151,936), k = 16, T = 1024,
    2048, 4096 (quick: 256), objective eopd vs opd.
 
-Figures: time ratio eopd / opd (median of paired ratios; target <= 1.05) and peak memory difference
-(peak RSS growth of the eopd call minus that of the opd call; target <= 1 GiB). See `_common` for the
-memory method.
+Figures: time ratio eopd / opd (median of paired ratios, wall clock and process CPU time; target <= 1.05)
+and peak memory difference (peak RSS growth of the eopd call minus that of the opd call; target <= 1 GiB).
+One torch thread by default. The loss-alone rows also give the kernel (sys) time of each call: on CPU every
+fresh V-wide float32 tensor is page-faulted in, which at T = 4096 costs more than the arithmetic. See
+`_common` for the memory method.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import _common as C  # noqa: E402  (sets sys.path and the Ray environment)
@@ -165,19 +168,23 @@ def bench_loss_only(lengths: list[int], vocab: int, reps: int, report: C.Report)
                 runs[obj]()
         t = {obj: [] for obj in cfgs}
         cpu = {obj: [] for obj in cfgs}
+        sys_s = {obj: [] for obj in cfgs}  # kernel time: page faults of fresh V-wide tensors, on CPU
         m = {obj: [] for obj in cfgs}
         for r in range(reps):
             for obj in (["eopd", "opd"] if r % 2 == 0 else ["opd", "eopd"]):
+                s0 = os.times().system
                 grow, (wall, c, _) = C.peak_rss_growth(lambda: C.timed(runs[obj]))
+                sys_s[obj].append(os.times().system - s0)
                 m[obj].append(grow)
                 t[obj].append(wall)
                 cpu[obj].append(c)
         del logits
-        report.extra[f"loss_seconds_T{T}"] = {"wall": t, "cpu": cpu}
+        report.extra[f"loss_seconds_T{T}"] = {"wall": t, "cpu": cpu, "sys": sys_s}
         e, o = C.median(m["eopd"]), C.median(m["opd"])
         rows.append({"config": f"loss T={T}", "vocab": vocab, "positions": T, "eopd_s": C.median(t["eopd"]),
                      "opd_s": C.median(t["opd"]), "ratio": C.paired_ratio(t["eopd"], t["opd"]),
                      "cpu_ratio": C.paired_ratio(cpu["eopd"], cpu["opd"]),
+                     "eopd_sys_s": C.median(sys_s["eopd"]), "opd_sys_s": C.median(sys_s["opd"]),
                      "eopd_peak_mib": e / C.MIB, "opd_peak_mib": o / C.MIB, "peak_diff_mib": (e - o) / C.MIB,
                      "logits_mib": T * vocab * 4 / C.MIB})
     report.rows.extend(rows)
@@ -205,19 +212,21 @@ def main(argv=None) -> int:
     threads = C.set_threads(args)
     report = C.Report("loss_overhead")
     q = args.quick
-    reps = args.reps or (2 if q else 7)
+    reps = args.reps or (2 if q else 15)  # the small model's calls take a tenth of a second
+    large_reps = args.reps or (2 if q else 4)
     _, student = C.tiny_pair(args.teacher, args.student)
     large = C.large_spec(args)
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else ([256] if q else [1024, 2048, 4096])
-    report.config = {"reps": reps, "threads": threads, "student": student, "large": large and large.key(),
-                     "loss_lengths": lengths, "top_k": K, "tau": TAU, "synthetic_gate_fraction": GATED}
+    report.config = {"reps": reps, "large_reps": large_reps, "loss_reps": 2 if not q else 1, "threads": threads,
+                     "student": student, "large": large and large.key(), "loss_lengths": lengths, "top_k": K,
+                     "tau": TAU, "synthetic_gate_fraction": GATED}
 
     memory_jobs: list = []
     bench_step("student", student, rows=8 if q else 32, mini=8 if q else 8, prompt_len=12, resp_len=16 if q else 40,
                reps=reps, threads=threads, report=report, memory_jobs=memory_jobs)
     if large:
         bench_step(large.name, C.random_model_dir(large), rows=2 if q else 4, mini=2 if q else 4,
-                   prompt_len=16 if q else 32, resp_len=32 if q else 256, reps=reps if q else max(3, reps - 3),
+                   prompt_len=16 if q else 32, resp_len=32 if q else 256, reps=large_reps,
                    threads=threads, report=report, memory_jobs=memory_jobs)
     # Memory after every timing: the malloc setting it needs never touches a timed call above.
     C.use_exact_malloc()

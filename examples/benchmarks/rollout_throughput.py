@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     threads = C.set_threads(args)
     q = args.quick
-    reps = args.reps or (2 if q else 7)
+    reps = args.reps or (2 if q else 15)  # the small model's calls take a tenth of a second
+    large_reps = args.reps or (2 if q else 5)
     _, student = C.tiny_pair(args.teacher, args.student)
     report = C.Report("rollout_throughput")
 
@@ -102,13 +103,14 @@ def main(argv=None) -> int:
     bench("student", student, [r.prompt_ids for r in recs], [r.answer for r in recs], max_new, reps, threads,
           report, "")
     large = C.large_spec(args)
-    cfg = {"reps": reps, "threads": threads, "student": student, "batch": batch, "max_new_tokens": max_new}
+    cfg = {"reps": reps, "large_reps": large_reps, "threads": threads, "student": student, "batch": batch,
+           "max_new_tokens": max_new}
     if large:
         lb = args.batch or (2 if q else 8)
         lt = args.max_new_tokens or (8 if q else 48)
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(4, large.vocab, (16,), generator=gen).numpy().astype(np.int32) for _ in range(lb)]
-        bench(large.name, C.random_model_dir(large), prompts, ["0"] * lb, lt, reps if q else max(3, reps - 2),
+        bench(large.name, C.random_model_dir(large), prompts, ["0"] * lb, lt, large_reps,
               threads, report, "large_vocab_")
         cfg.update(large=large.key(), large_batch=lb, large_max_new_tokens=lt)
     report.config = cfg

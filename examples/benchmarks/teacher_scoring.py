@@ -135,10 +135,11 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     threads = C.set_threads(args)
     q = args.quick
-    reps = args.reps or (2 if q else 7)
+    reps = args.reps or (2 if q else 15)  # the small model's calls take a tenth of a second
+    large_reps = args.reps or (2 if q else 5)
     teacher, _ = C.tiny_pair(args.teacher, args.student)
     report = C.Report("teacher_scoring")
-    cfg = {"reps": reps, "threads": threads, "teacher": teacher, "top_k": K}
+    cfg = {"reps": reps, "large_reps": large_reps, "threads": threads, "teacher": teacher, "top_k": K}
     jobs: list = []
     bench("teacher", teacher, rows=8 if q else 32, prompt_len=12, resp_len=16 if q else 40, fixed=False,
           reps=reps, threads=threads, report=report, prefix="", memory_jobs=jobs)
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     if large:
         lr, lt = (2, 48) if q else (8, 224)  # 1,792 positions: above the scorer's 1,024-position chunk
         bench(large.name, C.random_model_dir(large), rows=lr, prompt_len=32, resp_len=lt, fixed=True,
-              reps=reps if q else max(3, reps - 2), threads=threads, report=report, prefix="large_vocab_",
+              reps=large_reps, threads=threads, report=report, prefix="large_vocab_",
               memory_jobs=jobs)
         cfg.update(large=large.key(), large_rows=lr, large_response_len=lt, large_prompt_len=32)
     C.use_exact_malloc()  # memory runs come after every timing
