@@ -67,7 +67,8 @@ def test_sampler_too_small_and_resume():
     a = PromptSampler(_records(10), 4, seed=7)
     seq = [[r.id for r in a.next_batch()] for _ in range(5)]
     assert all(len(b) == 4 and len(set(b)) == 4 for b in seq)
-    assert set(seq[0]) | set(seq[1]) != set()
+    assert not set(seq[0]) & set(seq[1])  # one epoch of 10 prompts: its two batches never repeat a prompt
+    assert seq[2:4] != seq[:2]  # the second epoch is shuffled anew (per-epoch seed)
     b = PromptSampler(_records(10), 4, seed=7)
     b.next_batch(); b.next_batch()
     c = PromptSampler(_records(10), 4, seed=7)
