@@ -17,6 +17,9 @@ OBJECTIVES = ("opd", "eopd", "full_fkl", "random_fkl", "entropy_bonus", "advanta
 # Baselines that do not learn on the student's own samples scored by the teacher (paper Section 5.1).
 OFF_POLICY_OBJECTIVES = ("kd",)
 FKL_NORMALIZERS = ("all_tokens", "gated_tokens")
+# `cpu`: no GPU is requested (today's CPU pipeline); `colocated`: every role shares every GPU (vLLM sleeps
+# while the student trains); `disaggregated`: separate GPU pools for rollout, teacher and student.
+PLACEMENT_MODES = ("cpu", "colocated", "disaggregated")
 
 
 class ConfigError(ValueError):
@@ -149,6 +152,9 @@ class RolloutConfig:
     max_new_tokens: int = 40  # maximum response length in tokens
     n_samples_per_prompt: int = 1  # responses per prompt (Table 8: 1 for OPD/EOPD, 8 for GRPO)
     num_cpus: float = 0.5  # Ray CPUs reserved per rollout actor
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine (tensor parallel); each of num_workers engines has its own
+    gpu_memory_utilization: float = 0.5  # vllm: share of each engine GPU's memory vLLM may take (weights + KV cache)
+    max_model_len: int = 0  # vllm: context length of an engine; 0 = data.max_prompt_tokens + max_new_tokens
 
     def validate(self, prefix: str = "rollout") -> None:
         if self.engine not in ("transformers", "vllm"):
@@ -159,6 +165,9 @@ class RolloutConfig:
         _check_range(f"{prefix}.max_new_tokens", self.max_new_tokens, lo=1, integer=True)
         _check_range(f"{prefix}.n_samples_per_prompt", self.n_samples_per_prompt, lo=1, integer=True)
         _check_range(f"{prefix}.num_cpus", self.num_cpus, lo=0)
+        _check_range(f"{prefix}.tensor_parallel_size", self.tensor_parallel_size, lo=1, integer=True)
+        _check_range(f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, lo=0, hi=1, lo_open=True)
+        _check_range(f"{prefix}.max_model_len", self.max_model_len, lo=0, integer=True)
 
 
 @dataclass
@@ -243,6 +252,30 @@ class EvalConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """Where the actors run. Each rollout engine takes rollout.tensor_parallel_size GPUs, each teacher worker
+    and each student rank one GPU; `eopd_ray/placement.py` turns this into a plan (node and GPUs per actor)."""
+
+    mode: str = "cpu"  # one of PLACEMENT_MODES; `cpu` requests no GPU at all
+    num_nodes: int = 1  # nodes of the Ray cluster the run may use
+    gpus_per_node: int = 0  # GPUs on each node; must be 0 in `cpu` mode and >= 1 otherwise
+    sync_bucket_mb: int = 512  # weight sync (NCCL / CUDA IPC): parameters are sent in buckets of this many MiB
+
+    def validate(self, prefix: str = "placement") -> None:
+        if self.mode not in PLACEMENT_MODES:
+            _fail(f"{prefix}.mode", self.mode, "one of " + ", ".join(PLACEMENT_MODES))
+        _check_range(f"{prefix}.num_nodes", self.num_nodes, lo=1, integer=True)
+        _check_range(f"{prefix}.gpus_per_node", self.gpus_per_node, lo=0, integer=True)
+        _check_range(f"{prefix}.sync_bucket_mb", self.sync_bucket_mb, lo=1, integer=True)
+        if self.mode == "cpu" and self.gpus_per_node:
+            _fail(f"{prefix}.gpus_per_node", self.gpus_per_node, "0 with placement.mode=cpu",
+                  "set placement.mode=colocated or disaggregated to use GPUs, or gpus_per_node=0")
+        if self.mode != "cpu" and not self.gpus_per_node:
+            _fail(f"{prefix}.gpus_per_node", self.gpus_per_node, f"at least 1 with placement.mode={self.mode}",
+                  "set placement.gpus_per_node to the GPUs of each node, or placement.mode=cpu")
+
+
+@dataclass
 class RunConfig:
     """The whole run. Sections mirror the YAML presets; override fields as `section.field=value`."""
 
@@ -256,6 +289,7 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def validate(self) -> "RunConfig":
         if not isinstance(self.out_dir, str) or not self.out_dir:
@@ -276,7 +310,24 @@ class RunConfig:
             _fail("rollout.n_samples_per_prompt", self.rollout.n_samples_per_prompt,
                   "at least 2 with loss.objective=grpo (group-normalised advantages need a group)",
                   "set rollout.n_samples_per_prompt=8 as in the paper")
+        self._validate_placement()
         return self
+
+    def _validate_placement(self) -> None:
+        """Cross-section checks of the GPU layout (the plan itself is computed in eopd_ray/placement.py)."""
+        mode = self.placement.mode
+        if self.rollout.engine == "vllm" and mode == "cpu":
+            _fail("rollout.engine", self.rollout.engine, "transformers with placement.mode=cpu (vLLM needs GPUs)",
+                  "set placement.mode=colocated or disaggregated with placement.gpus_per_node, "
+                  "or rollout.engine=transformers")
+        if self.rollout.tensor_parallel_size > 1 and self.rollout.engine != "vllm":
+            _fail("rollout.tensor_parallel_size", self.rollout.tensor_parallel_size,
+                  "1 with rollout.engine=transformers", "set rollout.engine=vllm for tensor parallelism")
+        if mode == "cpu":
+            return
+        from eopd_ray.placement import plan_placement  # pure Python; its PlacementError is a ConfigError
+
+        plan_placement(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -79,3 +79,17 @@ def test_every_shipped_preset_parses(path):
 
 def test_presets_exist():
     assert CONFIGS, "examples/configs/ ships at least one preset"
+
+
+def test_default_placement_is_cpu_and_changes_nothing():
+    """The CPU default keeps today's behaviour: no GPU anywhere, transformers rollouts, one engine GPU count."""
+    cfg = load_config()
+    assert (cfg.placement.mode, cfg.placement.gpus_per_node, cfg.placement.num_nodes) == ("cpu", 0, 1)
+    assert cfg.rollout.engine == "transformers" and cfg.rollout.tensor_parallel_size == 1
+
+
+def test_placement_section_round_trips_and_accepts_a_gpu_layout():
+    cfg = load_config(None, ["placement.mode=disaggregated", "placement.gpus_per_node=4", "rollout.engine=vllm",
+                             "rollout.tensor_parallel_size=2", "placement.sync_bucket_mb=256"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert cfg.placement.sync_bucket_mb == 256

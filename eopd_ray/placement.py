@@ -1,0 +1,199 @@
+"""The placement plan: which actor runs on which GPUs of which node, and the Ray bundles that ask for them.
+
+Pure Python (no Ray, no torch), so `train_eopd.py --dry-run` can print the plan on a CPU machine and the
+config can refuse an impossible layout before anything starts.
+
+Three modes (`placement.mode`):
+- `cpu`: today's pipeline. Every actor gets one bundle `{"CPU": num_cpus}` of its own group; no GPU is asked for.
+- `disaggregated`: separate GPU pools. Each student rank and each teacher worker takes one whole GPU, each
+  rollout engine `rollout.tensor_parallel_size` whole GPUs on one node. The intended layout fills the nodes in
+  order: student ranks first (their ZeRO collectives stay inside a node when they fit), then teachers, then
+  engines. Each role is one placement group with PACK, so Ray puts it on as few nodes as it can; the node and
+  GPU numbers printed are the layout we expect, Ray picks the physical devices.
+- `colocated`: every role shares every GPU. One placement group holds one `{"GPU": 1}` bundle per GPU; student
+  rank i, rollout engine i and teacher worker i are scheduled into bundle i with the fractions in
+  `COLOCATED_SHARE` (Ray bookkeeping only; the memory is shared in time: vLLM sleeps while the student trains).
+  The weight sync then goes GPU-local through CUDA IPC, so every engine needs a student rank on its GPU and
+  engines use one GPU each (tensor parallelism across GPUs is offered in disaggregated mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from eopd_ray.config import ConfigError
+
+ROLES = ("student", "teacher", "rollout")
+# Ray num_gpus per actor when the three roles share one GPU (they must add up to at most 1).
+COLOCATED_SHARE = {"student": 0.4, "rollout": 0.4, "teacher": 0.2}
+
+
+class PlacementError(ConfigError):
+    """The requested actors cannot be placed on the configured nodes and GPUs."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One actor: its role and rank, the node it is meant for and the GPU indices it uses on that node."""
+
+    role: str
+    rank: int
+    node: int | None  # None on CPU: Ray may put the actor anywhere
+    gpus: tuple[int, ...]
+    num_gpus: float  # what the actor asks Ray for (0 on CPU; a fraction when colocated)
+    num_cpus: float
+    bundle: int  # index of its bundle in its placement group (the shared group when colocated)
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    mode: str
+    num_nodes: int
+    gpus_per_node: int
+    slots: tuple[Slot, ...]
+    # Bundles per placement group: {"student": [...], ...}, or {"shared": [...]} when colocated.
+    bundles: dict[str, list[dict[str, float]]]
+
+    def role(self, role: str) -> list[Slot]:
+        return [s for s in self.slots if s.role == role]
+
+    def num_gpus(self, role: str) -> float:
+        """Ray num_gpus of one actor of `role` (the same for every member of a group)."""
+        slots = self.role(role)
+        return slots[0].num_gpus if slots else 0.0
+
+    @property
+    def gpus_used(self) -> int:
+        return len({(s.node, g) for s in self.slots for g in s.gpus})
+
+    @property
+    def has_gpus(self) -> bool:
+        return self.mode != "cpu"
+
+
+def _counts(cfg: Any) -> dict[str, int]:
+    return {"student": cfg.trainer.num_ranks, "teacher": cfg.teacher.num_workers, "rollout": cfg.rollout.num_workers}
+
+
+def _cpus(cfg: Any) -> dict[str, float]:
+    return {"student": cfg.trainer.num_cpus, "teacher": cfg.teacher.num_cpus, "rollout": cfg.rollout.num_cpus}
+
+
+def _fail(path: str, value: Any, allowed: str, fix: str) -> None:
+    raise PlacementError(f"config value {path}={value!r} is invalid: allowed {allowed}. Fix: {fix}")
+
+
+def plan_placement(cfg: Any) -> PlacementPlan:
+    """The plan of a RunConfig (whose sections are already validated one by one)."""
+    p = cfg.placement
+    counts, cpus = _counts(cfg), _cpus(cfg)
+    if p.mode == "cpu":
+        slots = tuple(Slot(r, i, None, (), 0.0, cpus[r], i) for r in ROLES for i in range(counts[r]))
+        return PlacementPlan("cpu", p.num_nodes, 0, slots, {r: [{"CPU": cpus[r]}] * counts[r] for r in ROLES})
+    if p.mode == "colocated":
+        return _colocated(cfg, counts, cpus)
+    return _disaggregated(cfg, counts, cpus)
+
+
+def _colocated(cfg: Any, counts: dict[str, int], cpus: dict[str, float]) -> PlacementPlan:
+    p, tp = cfg.placement, cfg.rollout.tensor_parallel_size
+    total = p.num_nodes * p.gpus_per_node
+    if tp != 1:
+        _fail("rollout.tensor_parallel_size", tp, "1 with placement.mode=colocated (each engine shares one GPU "
+              "with a student rank, and the weight sync is GPU-local CUDA IPC)",
+              "set rollout.tensor_parallel_size=1, or placement.mode=disaggregated for tensor parallelism")
+    for role, field in (("student", "trainer.num_ranks"), ("teacher", "teacher.num_workers"),
+                        ("rollout", "rollout.num_workers")):
+        if counts[role] > total:
+            _fail(field, counts[role], f"at most the {total} GPUs of placement.num_nodes={p.num_nodes} x "
+                  f"gpus_per_node={p.gpus_per_node} in colocated mode (one {role} per GPU)",
+                  f"lower {field} or add GPUs (placement.num_nodes / placement.gpus_per_node)")
+    if counts["rollout"] > counts["student"]:
+        _fail("rollout.num_workers", counts["rollout"],
+              f"at most trainer.num_ranks={counts['student']} in colocated mode (engine i receives its weights "
+              "over CUDA IPC from student rank i on the same GPU)",
+              "raise trainer.num_ranks to the number of engines, or use placement.mode=disaggregated")
+    slots, bundle_cpus = [], [0.0] * total
+    for role in ROLES:
+        for i in range(counts[role]):
+            slots.append(Slot(role, i, i // p.gpus_per_node, (i % p.gpus_per_node,), COLOCATED_SHARE[role],
+                              cpus[role], i))
+            bundle_cpus[i] += cpus[role]
+    used = max(counts.values())
+    bundles = [{"CPU": bundle_cpus[i], "GPU": 1.0} for i in range(used)]
+    return PlacementPlan("colocated", p.num_nodes, p.gpus_per_node, tuple(slots), {"shared": bundles})
+
+
+def _disaggregated(cfg: Any, counts: dict[str, int], cpus: dict[str, float]) -> PlacementPlan:
+    p, tp = cfg.placement, cfg.rollout.tensor_parallel_size
+    total = p.num_nodes * p.gpus_per_node
+    if tp > p.gpus_per_node:
+        _fail("rollout.tensor_parallel_size", tp, f"at most placement.gpus_per_node={p.gpus_per_node} (an engine's "
+              "tensor-parallel GPUs must share one node)",
+              "lower rollout.tensor_parallel_size or use nodes with more GPUs")
+    need = counts["student"] + counts["teacher"] + counts["rollout"] * tp
+    if need > total:
+        _fail("placement.num_nodes", p.num_nodes,
+              f"enough nodes for {need} GPUs ({counts['student']} student ranks + {counts['teacher']} teacher "
+              f"workers + {counts['rollout']} rollout engines x tensor_parallel_size {tp}); "
+              f"{p.num_nodes} x {p.gpus_per_node} = {total}",
+              "raise placement.num_nodes or placement.gpus_per_node, lower the worker counts, "
+              "or share the GPUs with placement.mode=colocated")
+    free = [p.gpus_per_node] * p.num_nodes  # GPUs left per node, filled in order
+    slots = []
+    for role in ROLES:
+        width = tp if role == "rollout" else 1
+        for i in range(counts[role]):
+            node = next((n for n in range(p.num_nodes) if free[n] >= width), None)
+            if node is None:
+                _fail("rollout.tensor_parallel_size", tp,
+                      f"a size whose engines fit whole on the GPUs left per node ({free}); rollout engine {i} "
+                      f"needs {tp} GPUs on one node",
+                      "use a tensor_parallel_size that divides placement.gpus_per_node, or fewer workers")
+            first = p.gpus_per_node - free[node]
+            free[node] -= width
+            slots.append(Slot(role, i, node, tuple(range(first, first + width)), float(width), cpus[role], i))
+    bundles = {r: [{"CPU": cpus[r], "GPU": float(tp if r == "rollout" else 1)}] * counts[r] for r in ROLES}
+    return PlacementPlan("disaggregated", p.num_nodes, p.gpus_per_node, tuple(slots), bundles)
+
+
+def _gpu_list(gpus: tuple[int, ...]) -> str:
+    return f"GPU {gpus[0]}" if len(gpus) == 1 else f"GPUs {gpus[0]}-{gpus[-1]}"
+
+
+def format_plan(cfg: Any) -> str:
+    """A human-readable plan for `--dry-run`: one line per node listing its actors, then the Ray bundles."""
+    plan = plan_placement(cfg)
+    counts = _counts(cfg)
+    if not plan.has_gpus:
+        lines = ["placement: cpu (no GPU requested; Ray places the actors on any node)"]
+        for role in ROLES:
+            lines.append(f"  {role:8s} x{counts[role]}: bundle {plan.bundles[role][0]} each")
+        return "\n".join(lines)
+    total = plan.num_nodes * plan.gpus_per_node
+    lines = [f"placement: {plan.mode}, {plan.num_nodes} node(s) x {plan.gpus_per_node} GPUs = {total}, "
+             f"{plan.gpus_used} used"]
+    for node in range(plan.num_nodes):
+        here = [s for s in plan.slots if s.node == node]
+        if not here:
+            lines.append(f"  node {node}: idle")
+            continue
+        if plan.mode == "colocated":  # several actors per GPU: list them by GPU
+            by_gpu: dict[int, list[str]] = {}
+            for s in here:
+                by_gpu.setdefault(s.gpus[0], []).append(f"{s.role} {s.rank}")
+            desc = "; ".join(f"GPU {g}: {', '.join(names)}" for g, names in sorted(by_gpu.items()))
+        else:
+            desc = ", ".join(f"{s.role} {s.rank} on {_gpu_list(s.gpus)}" for s in sorted(here, key=lambda s: s.gpus))
+        lines.append(f"  node {node}: {desc}")
+    if plan.mode == "colocated":
+        b = plan.bundles["shared"]
+        lines.append(f"  Ray: one placement group of {len(b)} one-GPU bundles (PACK); per actor num_gpus "
+                     + ", ".join(f"{r} {COLOCATED_SHARE[r]}" for r in ROLES)
+                     + "; vLLM sleeps while the student trains; weight sync over CUDA IPC")
+    else:
+        for role in ROLES:
+            lines.append(f"  Ray: {role} group, {counts[role]} bundles {plan.bundles[role][0]} (PACK)")
+        lines.append("  weight sync: NCCL broadcast from student rank 0 to every engine worker")
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Placement plans (eopd_ray/placement.py): layouts over several nodes, impossible plans refused, presets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from eopd_ray.config import ConfigError, load_config
+from eopd_ray.placement import COLOCATED_SHARE, PlacementError, format_plan, plan_placement
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+
+
+def _cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+def _gpu(mode, nodes, per_node, students, teachers, engines, tp=1, *extra):
+    return _cfg(f"placement.mode={mode}", f"placement.num_nodes={nodes}", f"placement.gpus_per_node={per_node}",
+                f"trainer.num_ranks={students}", f"teacher.num_workers={teachers}", f"rollout.num_workers={engines}",
+                f"rollout.tensor_parallel_size={tp}", "rollout.engine=vllm", "trainer.batch_size=64",
+                "trainer.mini_batch_size=16", *extra)
+
+
+def test_cpu_default_requests_no_gpu_and_keeps_todays_bundles():
+    cfg = _cfg()
+    plan = plan_placement(cfg)
+    assert plan.mode == "cpu" and not plan.has_gpus and plan.gpus_used == 0
+    assert [s.role for s in plan.slots] == ["student", "teacher", "rollout"]
+    for role, cpus in (("student", cfg.trainer.num_cpus), ("teacher", cfg.teacher.num_cpus),
+                       ("rollout", cfg.rollout.num_cpus)):
+        assert plan.num_gpus(role) == 0.0
+        assert plan.bundles[role] == [{"CPU": cpus}]  # exactly what ActorGroup asked for before placement existed
+
+
+def test_disaggregated_over_two_nodes_gives_every_actor_its_own_gpus():
+    plan = plan_placement(_gpu("disaggregated", 2, 4, 2, 2, 2, 2))
+    assert plan.gpus_used == 8
+    taken = Counter((s.node, g) for s in plan.slots for g in s.gpus)
+    assert max(taken.values()) == 1, "no GPU is given twice"
+    engines = plan.role("rollout")
+    assert [len(s.gpus) for s in engines] == [2, 2] and all(s.num_gpus == 2.0 for s in engines)
+    # Students first, so the ZeRO collectives of both ranks stay on node 0.
+    assert {s.node for s in plan.role("student")} == {0}
+    assert plan.bundles["rollout"] == [{"CPU": 0.5, "GPU": 2.0}] * 2
+    assert plan.bundles["teacher"] == [{"CPU": 0.5, "GPU": 1.0}] * 2
+
+
+def test_disaggregated_engine_never_straddles_nodes():
+    # 3 GPUs per node: student + teacher take node 0's first two; the TP-2 engine must go to node 1.
+    plan = plan_placement(_gpu("disaggregated", 2, 3, 1, 1, 1, 2))
+    (engine,) = plan.role("rollout")
+    assert engine.node == 1 and engine.gpus == (0, 1)
+
+
+def test_colocated_shares_each_gpu_between_roles():
+    plan = plan_placement(_gpu("colocated", 2, 2, 4, 2, 4))
+    assert plan.gpus_used == 4 and len(plan.bundles["shared"]) == 4
+    for i in range(4):  # engine i sits on the GPU of student rank i (CUDA IPC weight sync)
+        assert (plan.role("rollout")[i].node, plan.role("rollout")[i].gpus) == \
+            (plan.role("student")[i].node, plan.role("student")[i].gpus)
+    per_gpu = Counter()
+    for s in plan.slots:
+        per_gpu[(s.node, s.gpus)] += s.num_gpus
+    assert max(per_gpu.values()) <= 1.0 + 1e-9, "Ray cannot give more than one GPU's worth on a GPU"
+    assert plan.bundles["shared"][0] == {"CPU": 1.5, "GPU": 1.0}  # student + teacher + rollout CPUs
+    assert plan.bundles["shared"][3] == {"CPU": 1.0, "GPU": 1.0}  # no teacher on GPU 3
+    assert sum(COLOCATED_SHARE.values()) <= 1.0
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (("disaggregated", 1, 4, 2, 2, 2), "placement.num_nodes=1"),                 # 6 GPUs needed, 4 there
+    (("disaggregated", 2, 4, 1, 1, 1, 8), "rollout.tensor_parallel_size=8"),     # TP wider than a node
+    (("disaggregated", 2, 3, 1, 1, 2, 2), "rollout.tensor_parallel_size=2"),     # fragments: no node has 2 left
+    (("colocated", 1, 4, 4, 1, 4, 2), "rollout.tensor_parallel_size=2"),         # colocated engines use one GPU
+    (("colocated", 1, 2, 4, 1, 2), "trainer.num_ranks=4"),                       # more ranks than GPUs
+    (("colocated", 1, 4, 2, 1, 4), "rollout.num_workers=4"),                     # an engine without a student rank
+])
+def test_impossible_plans_are_refused_naming_the_value_and_a_fix(overrides, field):
+    with pytest.raises(PlacementError) as err:
+        _gpu(*overrides)
+    assert field in str(err.value) and "Fix:" in str(err.value)
+    assert isinstance(err.value, ConfigError), "the driver catches ConfigError before Ray starts"
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["placement.mode=gpu"], "placement.mode='gpu'"),
+    (["placement.gpus_per_node=8"], "placement.gpus_per_node=8"),          # GPUs given but mode cpu
+    (["placement.mode=disaggregated"], "placement.gpus_per_node=0"),       # mode given but no GPUs
+    (["rollout.engine=vllm"], "rollout.engine='vllm'"),                    # vLLM on the CPU default
+    (["rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size=2"),  # TP with transformers
+    (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization=1.5"),
+    (["placement.num_nodes=0"], "placement.num_nodes=0"),
+])
+def test_bad_placement_fields_name_the_field(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        _cfg(*overrides)
+    assert fragment in str(err.value) and "allowed" in str(err.value)
+
+
+def test_format_plan_names_every_actor_and_node():
+    text = format_plan(_gpu("disaggregated", 2, 4, 2, 2, 2, 2))
+    assert "node 0: student 0 on GPU 0, student 1 on GPU 1, teacher 0 on GPU 2, teacher 1 on GPU 3" in text
+    assert "node 1: rollout 0 on GPUs 0-1, rollout 1 on GPUs 2-3" in text
+    text = format_plan(_gpu("colocated", 1, 2, 2, 1, 2))
+    assert "GPU 0: student 0, teacher 0, rollout 0; GPU 1: student 1, rollout 1" in text
+    assert format_plan(_cfg()).startswith("placement: cpu")
+
+
+def test_placement_module_needs_neither_ray_nor_torch():
+    code = ("import sys; import eopd_ray.placement as p; from eopd_ray.config import load_config; "
+            "p.format_plan(load_config()); bad = [m for m in ('ray', 'torch') if m in sys.modules]; "
+            "sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_preset_has_a_valid_plan(path):
+    cfg = load_config(str(path))
+    plan = plan_placement(cfg)
+    if path.name.startswith("tiny"):
+        assert plan.mode == "cpu"
+        return
+    assert cfg.rollout.engine == "vllm" and plan.has_gpus
+    assert plan.gpus_used <= cfg.placement.num_nodes * cfg.placement.gpus_per_node
+    # Table 8 of the paper.
+    t = cfg.trainer
+    assert (t.batch_size, t.mini_batch_size, t.lr, cfg.rollout.max_new_tokens) == (128, 32, 3e-6, 4096)
+    assert (cfg.loss.top_k, cfg.loss.tau, cfg.rollout.temperature) == (16, 0.8, 1.0)
+    assert cfg.rollout.top_p == (0.8 if "llama" in path.name else 1.0)
