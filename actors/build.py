@@ -1,4 +1,9 @@
-"""Start (or join) Ray and build the three actor groups of a run from its config."""
+"""Start (or join) Ray and build the three actor groups of a run from its config.
+
+GPUs are requested from the placement plan (`eopd_ray/placement.py`): nothing on CPU (the bundles are the
+CPU-only ones of before), whole GPUs per actor when disaggregated, and fractions of one shared placement
+group's one-GPU bundles when colocated.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,14 @@ import os
 from dataclasses import dataclass
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.group import ActorGroup
 from actors.remote import RolloutActor, StudentActor, TeacherActor
+from actors.weight_sync import ObjectStoreWeightSync, WeightSync
 from eopd_ray.config import OFF_POLICY_OBJECTIVES, RunConfig
+from eopd_ray.placement import PlacementPlan, plan_placement
 
 
 @dataclass
@@ -49,31 +58,116 @@ def _threads(cfg: RunConfig) -> int:
     return max(1, (os.cpu_count() or 1))
 
 
+class SharedPlacement:
+    """Colocated mode: one placement group with one {"GPU": 1} bundle per GPU, shared by the three groups
+    (student rank i, rollout engine i and teacher worker i all go into bundle i)."""
+
+    def __init__(self, plan: PlacementPlan, ready_timeout_s: float = 600.0):
+        bundles = plan.bundles["shared"]
+        self.pg = placement_group(bundles, strategy="PACK", name="eopd-colocated")
+        ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise RuntimeError(f"colocated placement: the cluster cannot place {len(bundles)} one-GPU bundles "
+                               f"within {ready_timeout_s:.0f} s; check `ray status` and placement.num_nodes / "
+                               "placement.gpus_per_node")
+
+
+_SHARED: SharedPlacement | None = None  # the colocated group of the current actors (rebuilt after a fault)
+
+
+def _shared(plan: PlacementPlan) -> SharedPlacement:
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = SharedPlacement(plan)
+    return _SHARED
+
+
+class ColocatedGroup(ActorGroup):
+    """An ActorGroup whose members go into bundles 0..n-1 of the shared placement group instead of a group of
+    their own. The student group, built last, removes the shared group at shutdown."""
+
+    def __init__(self, name: str, actor_cls, n: int, kwargs_for_rank, shared: SharedPlacement, num_cpus: float,
+                 num_gpus: float, owns_placement: bool = False):
+        self.name, self.shared, self.owns_placement = name, shared, owns_placement
+        self.pg = shared.pg
+        self.actors = [
+            actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                shared.pg, placement_group_bundle_index=i)).remote(**kwargs_for_rank(i))
+            for i in range(n)]
+
+    def shutdown(self) -> None:
+        global _SHARED
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        if self.owns_placement:
+            remove_placement_group(self.shared.pg)
+            _SHARED = None
+
+
+def _group(cfg: RunConfig, role: str, actor_cls, n: int, kwargs_for_rank, num_cpus: float) -> ActorGroup:
+    plan = plan_placement(cfg)
+    if plan.mode == "colocated":
+        return ColocatedGroup(role, actor_cls, n, kwargs_for_rank, _shared(plan), num_cpus, plan.num_gpus(role),
+                              owns_placement=role == "student")
+    # CPU: num_gpus is 0 and the bundles are {"CPU": num_cpus}, exactly as before placement existed.
+    return ActorGroup(role, actor_cls, n, kwargs_for_rank, num_cpus=num_cpus, num_gpus=plan.num_gpus(role))
+
+
+def _engine_kwargs(cfg: RunConfig) -> dict:
+    """vLLM settings of every engine (ignored by the transformers engine, which gets none)."""
+    if cfg.rollout.engine != "vllm":
+        return {}
+    r = cfg.rollout
+    return dict(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+                max_model_len=r.max_model_len or cfg.data.max_prompt_tokens + r.max_new_tokens,
+                sleep_between_calls=cfg.placement.mode == "colocated", seed=cfg.trainer.seed,
+                temperature=r.temperature)
+
+
 def build_rollouts(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
     # Off-policy KD learns from the teacher's own samples: its rollout workers hold the teacher.
     path = models.teacher_path if cfg.loss.objective in OFF_POLICY_OBJECTIVES else models.student_path
-    return ActorGroup("rollout", RolloutActor, cfg.rollout.num_workers, lambda rank: dict(
+    group = _group(cfg, "rollout", RolloutActor, cfg.rollout.num_workers, lambda rank: dict(
         model_path=path, engine=cfg.rollout.engine, dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code, vocab_size=models.vocab_size,
-        num_threads=_threads(cfg)), num_cpus=cfg.rollout.num_cpus)
+        num_threads=_threads(cfg), engine_kwargs=_engine_kwargs(cfg)), cfg.rollout.num_cpus)
+    if cfg.placement.mode == "colocated":
+        # vLLM sizes its KV cache from the GPU memory free while it starts: let it finish (and go to sleep)
+        # before the teacher and the student load onto the same GPUs.
+        ray.get(group.call("ping"))
+    return group
 
 
 def build_teachers(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
-    return ActorGroup("teacher", TeacherActor, cfg.teacher.num_workers, lambda rank: dict(
+    return _group(cfg, "teacher", TeacherActor, cfg.teacher.num_workers, lambda rank: dict(
         model_path=models.teacher_path, top_k=cfg.loss.top_k, vocab_size=models.vocab_size,
         pad_id=models.pad_id, chunk_size=cfg.teacher.chunk_size, dtype=cfg.model.teacher_dtype,
-        trust_remote_code=cfg.model.trust_remote_code, num_threads=_threads(cfg)), num_cpus=cfg.teacher.num_cpus)
+        trust_remote_code=cfg.model.trust_remote_code, num_threads=_threads(cfg)), cfg.teacher.num_cpus)
 
 
 def build_students(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
-    """Student ranks: rank 0 publishes an address, then every rank joins the process group at once."""
+    """Student ranks: rank 0 publishes an address, then every rank joins the process group at once
+    (NCCL when the plan has GPUs, gloo on CPU)."""
     n = cfg.trainer.num_ranks
-    group = ActorGroup("student", StudentActor, n, lambda rank: dict(
+    backend = "nccl" if plan_placement(cfg).has_gpus else "gloo"
+    group = _group(cfg, "student", StudentActor, n, lambda rank: dict(
         model_path=models.student_path, trainer=cfg.trainer, loss=cfg.loss, rank=rank, world_size=n,
         vocab_size=models.vocab_size, pad_id=models.pad_id, dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code, num_threads=max(1, _threads(cfg) // n),
-        n_samples=cfg.rollout.n_samples_per_prompt),
-        num_cpus=cfg.trainer.num_cpus)
+        backend=backend, n_samples=cfg.rollout.n_samples_per_prompt), cfg.trainer.num_cpus)
     addr, port = ray.get(group.actors[0].master_address.remote())
     group.run("setup", addr, port)
     return group
+
+
+def build_weight_sync(cfg: RunConfig, students: ActorGroup, rollouts: ActorGroup) -> WeightSync:
+    """Object store on CPU (and for the transformers engine); NCCL broadcast to vLLM engines on their own GPUs;
+    CUDA IPC to vLLM engines that share their GPU with a student rank."""
+    if cfg.rollout.engine != "vllm":
+        return ObjectStoreWeightSync(students, rollouts)
+    from actors.nccl_sync import IpcWeightSync, NcclWeightSync
+
+    if cfg.placement.mode == "colocated":
+        return IpcWeightSync(students, rollouts, cfg.placement.sync_bucket_mb)
+    return NcclWeightSync(students, rollouts, cfg.placement.sync_bucket_mb, cfg.rollout.tensor_parallel_size)

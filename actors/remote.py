@@ -1,17 +1,19 @@
 """Ray shells over the plain worker classes. All logic lives in the plain classes; these only add the
-Ray decorator and, for the student, the node address Ray knows."""
+Ray decorator, for the student the node address Ray knows, and the GPU weight-sync methods
+(`actors/nccl_sync.py` mixins; unused on CPU, where the object-store sync calls the plain classes)."""
 
 from __future__ import annotations
 
 import ray
 
+from actors.nccl_sync import RolloutWeightReceiver, StudentWeightSender
 from actors.rollout import RolloutWorker
 from actors.student import StudentTrainer, free_port
 from actors.teacher import TeacherScorer
 
 
 @ray.remote
-class RolloutActor(RolloutWorker):
+class RolloutActor(RolloutWorker, RolloutWeightReceiver):
     pass
 
 
@@ -21,6 +23,6 @@ class TeacherActor(TeacherScorer):
 
 
 @ray.remote
-class StudentActor(StudentTrainer):
+class StudentActor(StudentTrainer, StudentWeightSender):
     def master_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()

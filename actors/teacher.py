@@ -3,7 +3,14 @@
 For each response token it returns log pi_te(x_t | c_t), the full-vocabulary entropy H_t and the top-k ids
 and log-probs. The hidden states of the response positions are projected through the lm_head chunk by
 chunk (`token_stats_from_hidden`), so neither the [B, T, V] logits nor their float32 log-probabilities
-ever exist at once.
+ever exist at once. On a GPU (`device="auto"` picks CUDA when there is one) the model runs in the configured
+dtype (bf16 at paper scale), the statistics are computed chunk by chunk on the GPU, and each scored batch
+crosses to the host once as four compact tensors (8k + 8 bytes per position).
+
+Data parallelism is the teacher actor group itself (one worker per GPU, rollout shards spread over them).
+DeepSpeed ZeRO-3 inference with CPU offload is not offered: every teacher of the paper (8B in bf16, 16 GB)
+fits on one 80 GB GPU with room for the activations of a 4,096-token batch, and offloaded ZeRO-3 inference
+would stream the whole model over PCIe for every batch, several times slower than keeping it resident.
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ from eopd_ray.models import load_causal_lm, set_threads
 class TeacherScorer:
     def __init__(self, model_path: str, top_k: int, vocab_size: int, pad_id: int, chunk_size: int = 1024,
                  dtype: str = "float32", trust_remote_code: bool = False, num_threads: int | None = None,
-                 max_batch: int = 64):
+                 max_batch: int = 64, device: str = "auto"):
         set_threads(num_threads)
-        self.model = load_causal_lm(model_path, dtype, trust_remote_code).eval()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model = load_causal_lm(model_path, dtype, trust_remote_code).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.top_k, self.vocab_size, self.pad_id = top_k, vocab_size, pad_id
@@ -54,15 +64,19 @@ class TeacherScorer:
 
     def _score_chunk(self, prompts, responses, cols) -> None:
         batch = sequence_batch(prompts, responses, self.pad_id)
-        hidden_BLH = self.model.get_decoder()(input_ids=batch.input_ids_BL,
-                                              attention_mask=batch.attention_mask_BL).last_hidden_state
-        mask_BT = batch.response_mask_BT
+        dev = self.device
+        hidden_BLH = self.model.get_decoder()(input_ids=batch.input_ids_BL.to(dev),
+                                              attention_mask=batch.attention_mask_BL.to(dev)).last_hidden_state
+        mask_BT = batch.response_mask_BT.to(dev)
         # Only real response positions are projected: padding would cost V-wide work for nothing.
-        index_N = (batch.logit_index_BT + torch.arange(len(prompts))[:, None] * hidden_BLH.shape[1])[mask_BT]
+        index_N = (batch.logit_index_BT.to(dev)
+                   + torch.arange(len(prompts), device=dev)[:, None] * hidden_BLH.shape[1])[mask_BT]
         hidden_NH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])[index_N]
+        del hidden_BLH  # (B, L, H) of the prompts too: free it before the V-wide chunks
         weight_VH = self.model.get_output_embeddings().weight
-        stats = token_stats_from_hidden(hidden_NH, weight_VH, batch.response_BT[mask_BT], self.top_k,
+        stats = token_stats_from_hidden(hidden_NH, weight_VH, batch.response_BT.to(dev)[mask_BT], self.top_k,
                                         chunk_size=self.chunk_size, vocab_size=self.vocab_size)
+        stats = stats.to("cpu")  # one device-to-host copy of the compact (N,), (N,), (N, k), (N, k) tensors
         start = 0
         for r in responses:  # rows are contiguous in the flattened (row-major) masked order
             end = start + len(r)
