@@ -240,9 +240,12 @@ class StudentTrainer:
         return {k: v.to(torch.float32).numpy() for k, v in state.items()}
 
     def save(self, ckpt_dir: str) -> bool:
-        """DeepSpeed state (model, optimizer, scheduler; every rank) plus an HF-format copy (rank 0)."""
+        """World-size-independent training state (every rank joins the gathers) plus an HF-format copy
+        of the weights in the model dtype (rank 0), loadable with `from_pretrained`."""
+        from actors.student_state import save_state
+
         ckpt = Path(ckpt_dir)
-        self.engine.save_checkpoint(str(ckpt / "deepspeed"), tag="state")
+        save_state(self.engine, self.rank, self.world_size, self.trainer.zero_stage, ckpt)
         state = self._full_state()
         if self.rank == 0:
             hf_dir = ckpt / "hf"
@@ -250,12 +253,11 @@ class StudentTrainer:
             self.tokenizer.save_pretrained(str(hf_dir))
         return True
 
-    def load(self, ckpt_dir: str) -> bool:
-        path, _ = self.engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="state",
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"no DeepSpeed state found in {ckpt_dir}/deepspeed")
-        return True
+    def load(self, ckpt_dir: str) -> dict:
+        """Restore a checkpoint saved by any number of ranks at any ZeRO stage; returns its trainer state."""
+        from actors.student_state import load_state
+
+        return load_state(self.engine, self.trainer.zero_stage, ckpt_dir, self.pad_id)
 
     def config(self) -> dict:
         return {"trainer": asdict(self.trainer), "loss": asdict(self.loss_cfg)}
