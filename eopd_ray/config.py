@@ -203,6 +203,8 @@ class TrainerConfig:
     max_restarts: int = 3  # actor deaths survived by rebuilding the actors from the last checkpoint
     on_nonfinite: str = "skip"  # a NaN/inf loss: `skip` the update (logged with sample ids) or `stop` the run
     seed: int = 0  # rollout sampling and random gates derive their seeds from this and the step
+    micro_batch_tokens: int = 0  # per-rank forward/backward budget in prompt+response tokens; 0 = a rank's share at once
+    gradient_checkpointing: bool = False  # recompute activations in backward (GPU runs at 4k-token responses)
 
     def validate(self, prefix: str = "trainer") -> None:
         _check_range(f"{prefix}.max_steps", self.max_steps, lo=0, integer=True)
@@ -230,6 +232,9 @@ class TrainerConfig:
         if self.on_nonfinite not in ("skip", "stop"):
             _fail(f"{prefix}.on_nonfinite", self.on_nonfinite, "skip or stop")
         _check_range(f"{prefix}.seed", self.seed, lo=0, integer=True)
+        _check_range(f"{prefix}.micro_batch_tokens", self.micro_batch_tokens, lo=0, integer=True)
+        if not isinstance(self.gradient_checkpointing, bool):
+            _fail(f"{prefix}.gradient_checkpointing", self.gradient_checkpointing, "true or false")
 
 
 @dataclass
