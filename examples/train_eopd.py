@@ -28,15 +28,17 @@ import ray  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from actors.group import ActorGroup  # noqa: E402
-from actors.build import ResolvedModels, build_rollouts, build_students, build_teachers, init_ray  # noqa: E402
+from actors.build import (ResolvedModels, build_rollouts, build_students, build_teachers, build_weight_sync,  # noqa: E402
+                          init_ray)
 from actors.eval_runner import evaluate_on_workers  # noqa: E402
 from actors.rollout import SamplingParams  # noqa: E402
 from actors.student import NonFiniteLossError  # noqa: E402
-from actors.weight_sync import ObjectStoreWeightSync  # noqa: E402
+from actors.weight_sync import WeightSync  # noqa: E402
 from eopd_ray import checkpoint  # noqa: E402
 from eopd_ray.config import OFF_POLICY_OBJECTIVES, ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402
 from eopd_ray.data import DataError, PromptSampler, load_rows, synthetic_rows, tokenize_rows  # noqa: E402
 from eopd_ray.models import architecture_mismatch, load_tokenizer, output_rows  # noqa: E402
+from eopd_ray.placement import format_plan  # noqa: E402
 from eopd_ray.plots import entropy_histograms, training_curves  # noqa: E402
 from eopd_ray.run_io import MetricsLog, OutputDirError, check_out_dir, save_config, write_results  # noqa: E402
 from eopd_ray.vocab import VocabMismatchError, shared_vocab_size  # noqa: E402
@@ -138,7 +140,7 @@ class Actors:
     rollouts: ActorGroup
     teachers: ActorGroup
     students: ActorGroup
-    sync: ObjectStoreWeightSync
+    sync: WeightSync
     on_policy: bool  # False for off-policy KD: the rollout workers keep the teacher
 
     def shutdown(self) -> None:
@@ -151,7 +153,7 @@ def build_actors(cfg, models, ckpt: Path | None) -> Actors:
     t0 = time.perf_counter()
     rollouts, teachers = build_rollouts(cfg, models), build_teachers(cfg, models)
     students = build_students(cfg, models)
-    actors = Actors(rollouts, teachers, students, ObjectStoreWeightSync(students, rollouts),
+    actors = Actors(rollouts, teachers, students, build_weight_sync(cfg, students, rollouts),
                     cfg.loss.objective not in OFF_POLICY_OBJECTIVES)
     if ckpt is not None:
         students.run("load", str(ckpt))
@@ -228,6 +230,7 @@ def main(argv=None) -> int:
         cfg = resolve_config(args)
         if args.dry_run:
             print(json.dumps(cfg.to_dict(), indent=2))
+            print(format_plan(cfg), file=sys.stderr)  # stdout stays pure JSON for tools
             return 0
         ckpt = find_checkpoint(args.resume)
         if ckpt is None and cfg.auto_resume:
