@@ -4,6 +4,15 @@ Each rank takes an equal, contiguous share of every mini-batch and calls `eopd_l
 response-token count of the mini-batch, so the per-rank losses sum to the single-rank loss (Algorithm 1,
 line 13). DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by the world size to
 make the applied gradient the gradient of that sum.
+
+Token-budget micro-batches (`trainer.micro_batch_tokens` > 0): a rank's share is cut into consecutive pieces
+of rows of at most that many padded prompt+response tokens; each piece calls `eopd_loss` with the same global
+token count and is back-propagated on its own, and the mini-batch still takes ONE optimizer step, so the
+update equals the unsplit one up to float summation order. Every rank runs the same number of pieces
+(DeepSpeed's ZeRO 2/3 reduce and gather inside forward and backward, collectively).
+
+Devices: on CUDA with NCCL each rank uses `cuda:0` (Ray makes one GPU visible per actor) and every batch
+tensor, the finiteness flag and the metric all-reduce live there; weights leave the rank as CPU copies.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from actors.faults import maybe_fail
-from eopd_ray.batch import list_rows, padded_float, padded_topk, sequence_batch
+from eopd_ray.batch import SequenceBatch, list_rows, padded_float, padded_topk, sequence_batch
 from eopd_ray.config import LossConfig, TrainerConfig
 from eopd_ray.losses import TokenStats, eopd_loss, group_normalized_advantages
 from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
@@ -47,10 +56,45 @@ def cosine_schedule(total_updates: int, warmup_ratio: float, min_lr_ratio: float
     return factor
 
 
+def split_rows(lengths, budget: int, num_pieces: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive [start, end) row ranges whose padded size (rows x longest row) is at most `budget`, each
+    holding at least one row (a single row longer than the budget is a piece of its own). `num_pieces`
+    (>= the greedy count, <= the number of rows) splits further, halving the largest piece, so that every
+    rank can run the same number of pieces. budget <= 0: one piece."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    pieces: list[tuple[int, int]] = []
+    if budget <= 0:
+        pieces = [(0, n)]
+    else:
+        start, longest = 0, 0
+        for i, length in enumerate(lengths):
+            wider = max(longest, int(length))
+            if i > start and wider * (i + 1 - start) > budget:
+                pieces.append((start, i))
+                start, wider = i, int(length)
+            longest = wider
+        pieces.append((start, n))
+    if num_pieces is not None:
+        if not len(pieces) <= num_pieces <= n:
+            raise ValueError(f"cannot cut {n} rows into {num_pieces} pieces (at least {len(pieces)} needed)")
+        while len(pieces) < num_pieces:
+            size = lambda se: (se[1] - se[0]) * max(int(x) for x in lengths[se[0]:se[1]])  # noqa: E731
+            i = max((j for j, (a, b) in enumerate(pieces) if b - a > 1), key=lambda j: size(pieces[j]))
+            a, b = pieces[i]
+            pieces[i:i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
+    return pieces
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 class StudentTrainer:
@@ -63,6 +107,7 @@ class StudentTrainer:
         self.dtype, self.trust_remote_code, self.backend = dtype, trust_remote_code, backend
         self.n_samples = n_samples  # responses per prompt: a mini-batch is mini_batch_size * n_samples rows
         self.engine = None
+        self.device = torch.device("cpu")
 
     # -- set-up: rank 0 publishes an address, then every rank joins at once ---------------------------
     def master_address(self) -> tuple[str, int]:
@@ -81,9 +126,19 @@ class StudentTrainer:
         if not dist.is_initialized():
             dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
                                     init_method=f"tcp://{master_addr}:{master_port}")
-        model = load_causal_lm(self.model_path, "float32", self.trust_remote_code)
-        model.config.use_cache = False
+        if torch.cuda.is_available() and self.backend == "nccl":
+            torch.cuda.set_device(0)  # Ray makes this actor's own GPU the only visible one
+            self.device = torch.device("cuda:0")
+        else:
+            self.device = torch.device("cpu")
         t = self.trainer
+        model = load_causal_lm(self.model_path, "float32", self.trust_remote_code).to(self.device)
+        model.config.use_cache = False
+        if t.gradient_checkpointing:  # before deepspeed.initialize; non-reentrant works with ZeRO-3's hooks
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         updates = t.max_steps * (t.batch_size // t.mini_batch_size)
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -153,30 +208,48 @@ class StudentTrainer:
 
     def _update(self, rollout: pa.Table, teacher: pa.Table, num_tokens: int, gen: torch.Generator,
                 seq_adv: torch.Tensor | None = None) -> dict:
-        k = self.loss_cfg.top_k
-        responses = list_rows(rollout.column("response_ids"))
-        batch = sequence_batch(list_rows(rollout.column("prompt_ids")), responses, self.pad_id)
-        t_max = batch.response_BT.shape[1]
-        teacher_stats = TokenStats(
-            logprobs=padded_float(list_rows(teacher.column("teacher_logprobs")), t_max),
-            entropy=padded_float(list_rows(teacher.column("teacher_entropy")), t_max),
-            topk_logprobs=padded_topk(list_rows(teacher.column("topk_logprobs")), t_max, k, 0.0),
-            topk_ids=padded_topk(list_rows(teacher.column("topk_ids")), t_max, k, 0))
-        old_logprobs_BT = padded_float(list_rows(rollout.column("logprobs")), t_max)
-        logits_BLV = self.engine(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL).logits
-        logits_BTV = logits_BLV.gather(1, batch.logit_index_BT[..., None].expand(-1, -1, logits_BLV.shape[-1]))
-        logits_BTV = logits_BTV[..., :self.vocab_size]
-        loss, metrics = eopd_loss(logits_BTV, batch.response_BT, old_logprobs_BT, teacher_stats,
-                                  batch.response_mask_BT, self.loss_cfg, num_tokens=num_tokens, generator=gen,
-                                  sequence_advantages=seq_adv)
-        if not self._all_finite(loss):
-            ids = rollout.column("sample_id").to_pylist()
-            if self.trainer.on_nonfinite == "stop":
-                raise NonFiniteLossError(f"non-finite loss ({float(loss)}) on the mini-batch with sample ids {ids}; "
-                                         "the run stops (trainer.on_nonfinite=stop) keeping its last checkpoint")
-            print(f"[student rank {self.rank}] skipped an update: non-finite loss on sample ids {ids}", flush=True)
-            return {"train/skipped_updates": 1.0, "tokens/masked": float(batch.num_tokens)}
-        self.engine.backward(loss * self.world_size)
+        """One optimizer update on this rank's share of a mini-batch; returns token-weighted metric sums.
+
+        The student's logits are gathered as a full [rows, T, V] tensor per forward (and log-softmaxed in
+        float32 by `eopd_loss`); `trainer.micro_batch_tokens` is what bounds it, by the rows x length of a
+        piece. Every piece divides by the mini-batch's global token count `num_tokens`, so the summed piece
+        gradients are the gradient of the unsplit loss. `random_fkl` draws its gate per piece from the same
+        generator: the same distribution as unsplit, not the same draw.
+        """
+        pieces = self._pieces(rollout)
+        masked = float(sum(len(r) for r in list_rows(rollout.column("response_ids"))))
+        sums: dict[str, float] = {}
+        for i, (a, b) in enumerate(pieces):
+            batch, teacher_stats, old_logprobs_BT, adv = self._tensors(
+                rollout.slice(a, b - a), teacher.slice(a, b - a), None if seq_adv is None else seq_adv[a:b])
+            logits_BLV = self.engine(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL).logits
+            logits_BTV = logits_BLV.gather(1, batch.logit_index_BT[..., None].expand(-1, -1, logits_BLV.shape[-1]))
+            logits_BTV = logits_BTV[..., :self.vocab_size]
+            loss, metrics = eopd_loss(logits_BTV, batch.response_BT, old_logprobs_BT, teacher_stats,
+                                      batch.response_mask_BT, self.loss_cfg, num_tokens=num_tokens, generator=gen,
+                                      sequence_advantages=adv)
+            if not self._all_finite(loss):  # decided by every rank together, piece by piece
+                ids = rollout.column("sample_id").slice(a, b - a).to_pylist()
+                if self.trainer.on_nonfinite == "stop":
+                    raise NonFiniteLossError(f"non-finite loss ({float(loss)}) on the mini-batch with sample ids {ids}; "
+                                             "the run stops (trainer.on_nonfinite=stop) keeping its last checkpoint")
+                del loss, logits_BLV, logits_BTV
+                if i > 0:  # earlier pieces have accumulated gradients: the whole mini-batch is dropped
+                    self._discard_gradients()
+                print(f"[student rank {self.rank}] skipped an update: non-finite loss on sample ids {ids}", flush=True)
+                return {"train/skipped_updates": 1.0, "tokens/masked": masked}
+            self.engine.set_gradient_accumulation_boundary(i == len(pieces) - 1)
+            # DeepSpeed averages over ranks (x world size); gradient_accumulation_steps is 1, so no 1/gas.
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            # Per-token means are re-weighted by this piece's token count (gated count for gated means).
+            n = float(metrics.get("tokens/masked", batch.num_tokens))
+            for key, value in metrics.items():
+                if key in _SUMMED or key.startswith(("tokens/", "optim/", "train/")):
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                else:
+                    w = float(metrics[_WEIGHTS[key]]) if key in _WEIGHTS else n
+                    sums[key] = sums.get(key, 0.0) + float(value) * w
+                    sums[f"_w/{key}"] = sums.get(f"_w/{key}", 0.0) + w
         # Stage 0 keeps full gradients on the parameters and DeepSpeed does not report their norm there.
         manual_norm = None
         if self.trainer.zero_stage == 0:
@@ -184,25 +257,74 @@ class StudentTrainer:
             manual_norm = float(torch.stack(grads).norm()) if grads else 0.0
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
-        metrics["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else (manual_norm or 0.0)
-        metrics["optim/lr"] = float(self.engine.get_lr()[0])
-        # Per-token means are re-weighted by this call's token count (gated count for gated means).
-        weighted = {}
-        n = float(metrics.get("tokens/masked", batch.num_tokens))
-        for key, value in metrics.items():
-            if key in _SUMMED or key.startswith(("tokens/", "optim/", "train/")):
-                weighted[key] = float(value)
-            else:
-                w = float(metrics[_WEIGHTS[key]]) if key in _WEIGHTS else n
-                weighted[key] = float(value) * w
-                weighted[f"_w/{key}"] = w
-        return weighted
+        sums["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else (manual_norm or 0.0)
+        sums["optim/lr"] = float(self.engine.get_lr()[0])
+        return sums
+
+    def _pieces(self, rollout: pa.Table) -> list[tuple[int, int]]:
+        """Row ranges of this rank's share, one per forward/backward; the same count on every rank."""
+        budget = self.trainer.micro_batch_tokens
+        if budget <= 0 or rollout.num_rows <= 1:
+            return [(0, rollout.num_rows)]
+        lengths = [len(p) + len(r) for p, r in zip(list_rows(rollout.column("prompt_ids")),
+                                                   list_rows(rollout.column("response_ids")))]
+        count = len(split_rows(lengths, budget))
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            most = torch.tensor([count], dtype=torch.int64, device=self.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            count = int(most.item())
+        return split_rows(lengths, budget, count)
+
+    def _tensors(self, rollout: pa.Table, teacher: pa.Table, seq_adv: torch.Tensor | None):
+        """Padded batch tensors of some rows, on this rank's device."""
+        k = self.loss_cfg.top_k
+        dev = self.device
+        batch = sequence_batch(list_rows(rollout.column("prompt_ids")), list_rows(rollout.column("response_ids")),
+                               self.pad_id)
+        batch = SequenceBatch(*(x.to(dev) for x in (batch.input_ids_BL, batch.attention_mask_BL, batch.response_BT,
+                                                   batch.logit_index_BT, batch.response_mask_BT)))
+        t_max = batch.response_BT.shape[1]
+        teacher_stats = TokenStats(
+            logprobs=padded_float(list_rows(teacher.column("teacher_logprobs")), t_max),
+            entropy=padded_float(list_rows(teacher.column("teacher_entropy")), t_max),
+            topk_logprobs=padded_topk(list_rows(teacher.column("topk_logprobs")), t_max, k, 0.0),
+            topk_ids=padded_topk(list_rows(teacher.column("topk_ids")), t_max, k, 0)).to(dev)
+        old_logprobs_BT = padded_float(list_rows(rollout.column("logprobs")), t_max).to(dev)
+        return batch, teacher_stats, old_logprobs_BT, None if seq_adv is None else seq_adv.to(dev)
+
+    def _discard_gradients(self) -> None:
+        """Drop gradients accumulated by earlier pieces of a skipped mini-batch, without an optimizer step,
+        the way DeepSpeed's own overflow path clears them (ZeRO 1/2 and 3 keep partitioned accumulators)."""
+        from deepspeed.runtime.zero import stage_1_and_2
+
+        opt = self.engine.optimizer
+        if hasattr(opt, "zero_grad"):
+            try:
+                opt.zero_grad(set_to_none=True)
+            except TypeError:
+                opt.zero_grad()
+        self.engine.zero_grad()
+        if self.trainer.zero_stage == 3:
+            if isinstance(getattr(opt, "averaged_gradients", None), dict):
+                opt.averaged_gradients = {}
+        elif isinstance(getattr(opt, "averaged_gradients", None), dict):
+            release = getattr(opt, "_release_preflattened_grad_buffers", None)
+            if callable(release):
+                release()
+            for key in list(opt.averaged_gradients):
+                opt.averaged_gradients[key] = None
+            for key in list(getattr(opt, "all_grad_tensors", {}) or {}):
+                opt.all_grad_tensors[key] = None
+            opt.micro_step_id = stage_1_and_2.INITIAL_MICRO_STEP_ID
+        self.engine.set_gradient_accumulation_boundary(True)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Every rank decides together, so either all ranks step or none does."""
         import torch.distributed as dist
 
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1).to(self.device)
         if self.world_size > 1:
             dist.all_reduce(bad)
         return bad.item() == 0.0
@@ -211,7 +333,7 @@ class StudentTrainer:
         import torch.distributed as dist
 
         keys = sorted(sums)
-        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             dist.all_reduce(values)
         return dict(zip(keys, values.tolist()))
@@ -225,9 +347,9 @@ class StudentTrainer:
         params = list(module.parameters())
         if self.trainer.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                state = {k: v.detach().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+                state = _cpu_copy(module) if self.rank == 0 else None
         else:
-            state = {k: v.detach().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+            state = _cpu_copy(module) if self.rank == 0 else None
         return state
 
     def export_weights(self) -> dict[str, np.ndarray] | None:
@@ -237,7 +359,7 @@ class StudentTrainer:
             return None
         if getattr(self.engine.module.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied to the embedding: sending it twice doubles the payload
-        return {k: v.to(torch.float32).numpy() for k, v in state.items()}
+        return {k: v.to(torch.float32).cpu().numpy() for k, v in state.items()}
 
     def save(self, ckpt_dir: str) -> bool:
         """World-size-independent training state (every rank joins the gathers) plus an HF-format copy

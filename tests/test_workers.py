@@ -231,3 +231,144 @@ def test_training_state_moves_between_zero_stages(setup, trainer, tmp_path, save
     assert b.engine.get_lr()[0] == pytest.approx(lr_expected, rel=1e-9)
     moved = max((expected[n] - got[n]).abs().max().item() for n in expected)
     assert moved < 1e-6, f"resumed step differs from the continued one by {moved:.3g}"
+
+
+# -- token-budget micro-batches, gradient checkpointing -------------------------------------------------------
+
+def test_split_rows_respects_the_budget_and_the_piece_count():
+    from actors.student import split_rows
+
+    lengths = [5, 9, 3, 30, 4, 4, 4, 8]
+    pieces = split_rows(lengths, 12)
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(lengths)
+    assert all(a < b for a, b in pieces) and all(p[1] == q[0] for p, q in zip(pieces, pieces[1:]))
+    for a, b in pieces:  # within the budget, or a single row longer than it
+        assert (b - a) * max(lengths[a:b]) <= 12 or b - a == 1
+    assert (3, 4) in pieces  # the 30-token row alone
+    assert split_rows(lengths, 0) == [(0, 8)] and split_rows(lengths, 10**6) == [(0, 8)]
+    forced = split_rows(lengths, 12, len(lengths))
+    assert forced == [(i, i + 1) for i in range(8)]
+    more = split_rows(lengths, 12, len(pieces) + 1)
+    assert len(more) == len(pieces) + 1 and all((b - a) * max(lengths[a:b]) <= 12 or b - a == 1 for a, b in more)
+    with pytest.raises(ValueError):
+        split_rows(lengths, 12, 9)
+
+
+def _budget_trainer(setup, *overrides, stage: int = 0, lr: float = 1e-3):
+    cfg = load_config(None, ["trainer.batch_size=16", "trainer.mini_batch_size=8", "trainer.max_steps=4",
+                             f"trainer.lr={lr}", f"trainer.zero_stage={stage}", *overrides])
+    tok = setup["tok"]
+    tr = StudentTrainer(setup["student"], cfg.trainer, cfg.loss, rank=0, world_size=1, vocab_size=len(tok),
+                        pad_id=tok.pad_token_id)
+    tr.setup("127.0.0.1", free_port())
+    return tr
+
+
+def _grads_at_step(tr) -> list:
+    """Record the full gradients each time the engine steps (ZeRO 0: they are on the parameters)."""
+    seen, step = [], tr.engine.step
+
+    def recording_step(*a, **kw):
+        seen.append({n: p.grad.detach().clone() for n, p in tr.engine.module.named_parameters() if p.grad is not None})
+        return step(*a, **kw)
+
+    tr.engine.step = recording_step
+    return seen
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+BUDGET = 96  # padded prompt+response tokens: a few rows of this data per piece
+
+
+def test_micro_batches_give_the_update_of_the_whole_share(setup, trainer, monkeypatch):
+    """Two mini-batches of 8 rows, each cut into several pieces: the accumulated gradients, the weights after
+    each single optimizer step and the metrics equal those of one forward per mini-batch. The same check
+    with the per-piece token count in place of the mini-batch's global one fails."""
+    from actors import student
+    from actors.student import split_rows
+
+    _, _, scored = trainer
+    table = setup["table"]
+    lengths = [len(p) + len(r) for p, r in zip(list_rows(table.column("prompt_ids")),
+                                               list_rows(table.column("response_ids")))]
+    assert min(len(split_rows(lengths[s:s + 8], BUDGET)) for s in (0, 8)) >= 3  # several pieces per mini-batch
+
+    # lr 1e-4: Adam divides by |g|, so a float32 rounding difference in a near-zero gradient moves a weight
+    # by up to ~lr x (relative rounding); at 1e-3 that reaches a few 1e-6 after two steps.
+    whole = _budget_trainer(setup, lr=1e-4)
+    whole_grads = _grads_at_step(whole)
+    m_whole = whole.train_step(0, 1, table, scored)
+
+    cut = _budget_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", lr=1e-4)
+    calls = []
+    real_loss = student.eopd_loss
+    monkeypatch.setattr(student, "eopd_loss", lambda *a, **kw: calls.append(a[0].shape[0]) or real_loss(*a, **kw))
+    cut_grads = _grads_at_step(cut)
+    m_cut = cut.train_step(0, 1, table, scored)
+    assert len(calls) >= 6 and sum(calls) == 16 and len(cut_grads) == 2  # pieces, one step per mini-batch
+
+    for g_whole, g_cut in zip(whole_grads, cut_grads):  # float32 sums in another order
+        scale = max(g.abs().max().item() for g in g_whole.values())
+        assert _max_diff(g_whole, g_cut) < 1e-5 * scale
+    moved = _max_diff(_weights(whole), _weights(cut))
+    assert moved < 1e-6, f"micro-batched step differs by {moved:.3g}"
+    assert _max_diff(_weights(whole), {n: p.detach() for n, p in load_causal_lm(setup["student"]).named_parameters()
+                                       if n in _weights(whole)}) > 1e-4  # and the step did move the weights
+    assert set(m_whole) == set(m_cut)
+    for key in m_whole:
+        if key != "time/train":
+            assert m_cut[key] == pytest.approx(m_whole[key], rel=1e-5, abs=1e-7), key
+
+    # Sensitivity: each piece normalised by its own token count gives a different update.
+    monkeypatch.setattr(student, "eopd_loss", lambda *a, num_tokens=None, **kw: real_loss(*a, **kw))
+    local = _budget_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", lr=1e-4)
+    local.train_step(0, 1, table, scored)
+    assert _max_diff(_weights(whole), _weights(local)) > 1e-5
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_non_finite_piece_skips_the_whole_mini_batch(setup, trainer, stage):
+    """A NaN in the LAST piece of the first mini-batch: earlier pieces have back-propagated already, yet no
+    weight moves, and the next clean step lands where a trainer that never saw the bad batch lands."""
+    import pyarrow as pa
+
+    _, _, scored = trainer
+    table = setup["table"]
+    col = scored.column("teacher_logprobs").combine_chunks()
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy().copy()
+    values[offsets[7]] = np.nan  # first response token of row 7: the last piece of mini-batch 0
+    bad = scored.set_column(scored.schema.get_field_index("teacher_logprobs"), "teacher_logprobs",
+                            pa.ListArray.from_arrays(col.offsets, pa.array(values)))
+    cut = _budget_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", stage=stage)
+    before = _weights(cut)
+    m = cut.train_step(0, 1, table.slice(0, 8), bad.slice(0, 8))
+    assert m["train/skipped_updates"] == 1.0
+    assert _max_diff(before, _weights(cut)) == 0.0
+    cut.train_step(1, 1, table.slice(8, 8), scored.slice(8, 8))
+    fresh = _budget_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", stage=stage)
+    fresh.train_step(1, 1, table.slice(8, 8), scored.slice(8, 8))
+    moved = _max_diff(_weights(fresh), _weights(cut))
+    assert moved < 1e-6, f"gradients of the skipped pieces leaked into the next step ({moved:.3g})"
+    assert cut.engine.get_lr()[0] == pytest.approx(fresh.engine.get_lr()[0])
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(setup, trainer):
+    _, _, scored = trainer
+    table = setup["table"]
+    plain = _budget_trainer(setup)
+    ckpt = _budget_trainer(setup, "trainer.gradient_checkpointing=true")
+    flag = "is_activation_checkpointing" if hasattr(plain.engine.module, "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    assert getattr(ckpt.engine.module, flag) and not getattr(plain.engine.module, flag)
+    g_plain, g_ckpt = _grads_at_step(plain), _grads_at_step(ckpt)
+    m_plain = plain.train_step(0, 1, table, scored)
+    m_ckpt = ckpt.train_step(0, 1, table, scored)
+    assert m_ckpt["loss/total"] == pytest.approx(m_plain["loss/total"], rel=1e-6, abs=1e-7)
+    for a, b in zip(g_plain, g_ckpt):
+        assert _max_diff(a, b) < 1e-6
+    assert _max_diff(_weights(plain), _weights(ckpt)) < 1e-6
