@@ -95,6 +95,12 @@ class ColocatedGroup(ActorGroup):
             actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 shared.pg, placement_group_bundle_index=i)).remote(**kwargs_for_rank(i))
             for i in range(n)]
+        self.bundles, self.pending = list(range(n)), []
+
+    def grow(self, target: int, wait_s: float = 0.0) -> list:
+        """Colocated members share their GPU with the other roles' members of the same bundle: a lost one is not
+        replaced during the run (the fault restart rebuilds everything)."""
+        return []
 
     def shutdown(self) -> None:
         global _SHARED

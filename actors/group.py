@@ -28,14 +28,63 @@ class ActorGroup:
             remove_placement_group(self.pg)
             raise RuntimeError(f"actor group {name!r}: the cluster cannot place {n} x {bundle} within "
                                f"{ready_timeout_s:.0f} s; check `ray status` or lower the group size")
-        self.actors = [
-            actor_cls.options(
-                num_cpus=num_cpus, num_gpus=num_gpus, name=None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                runtime_env={"env_vars": env_vars} if env_vars else None,
-            ).remote(**kwargs_for_rank(i))
-            for i in range(n)
-        ]
+        self._options = dict(num_cpus=num_cpus, num_gpus=num_gpus,
+                             runtime_env={"env_vars": env_vars} if env_vars else None)
+        self._actor_cls, self._kwargs_for_rank = actor_cls, kwargs_for_rank
+        self.actors = [self._start(i) for i in range(n)]
+        self.bundles = list(range(n))  # bundle index of each member of self.actors
+        self.pending: list[tuple[Any, ray.ObjectRef, int]] = []  # (actor, ready ref, bundle) still starting
+
+    def _start(self, bundle: int):
+        return self._actor_cls.options(
+            name=None, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle),
+            **self._options).remote(**self._kwargs_for_rank(bundle))
+
+    # -- elasticity: members that die leave; replacements join when the cluster can place them ------------
+    def drop_dead(self, timeout_s: float = 30.0) -> int:
+        """Ping every member; remove those whose process is gone (their bundles become free). Returns how many
+        left. A member that does not answer within `timeout_s` but is not dead stays."""
+        refs = [a.ping.remote() for a in self.actors]
+        alive = []
+        for actor, bundle, ref in zip(self.actors, self.bundles, refs):
+            try:
+                ray.get(ref, timeout=timeout_s)
+                alive.append((actor, bundle))
+            except ray.exceptions.GetTimeoutError:
+                alive.append((actor, bundle))
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
+                ray.kill(actor, no_restart=True)
+        lost = len(self.actors) - len(alive)
+        self.actors, self.bundles = [a for a, _ in alive], [b for _, b in alive]
+        return lost
+
+    def grow(self, target: int, wait_s: float = 0.0) -> list:
+        """Start members on free bundles until `target` are running or starting, then admit the ones that are
+        ready within `wait_s` seconds (0: only those already up). Returns the newly admitted actors."""
+        taken = set(self.bundles) | {b for _, _, b in self.pending}
+        for bundle in [b for b in range(len(self.pg.bundle_specs)) if b not in taken]:
+            if len(self.actors) + len(self.pending) >= target:
+                break
+            actor = self._start(bundle)
+            self.pending.append((actor, actor.ping.remote(), bundle))
+        if not self.pending:
+            return []
+        ready, _ = ray.wait([r for _, r, _ in self.pending], num_returns=len(self.pending), timeout=wait_s)
+        admitted, still = [], []
+        for actor, ref, bundle in self.pending:
+            if ref not in ready:
+                still.append((actor, ref, bundle))
+                continue
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
+                ray.kill(actor, no_restart=True)  # died while starting: its bundle is free for the next try
+                continue
+            self.actors.append(actor)
+            self.bundles.append(bundle)
+            admitted.append(actor)
+        self.pending = still
+        return admitted
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -54,6 +103,6 @@ class ActorGroup:
         return ray.get(self.call(method, *args, **kwargs))
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in self.actors + [p[0] for p in self.pending]:
             ray.kill(a, no_restart=True)
         remove_placement_group(self.pg)

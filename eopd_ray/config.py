@@ -152,6 +152,7 @@ class RolloutConfig:
     max_new_tokens: int = 40  # maximum response length in tokens
     n_samples_per_prompt: int = 1  # responses per prompt (Table 8: 1 for OPD/EOPD, 8 for GRPO)
     num_cpus: float = 0.5  # Ray CPUs reserved per rollout actor
+    join_wait_s: float = 0.0  # before a step, wait this long for replacement rollout workers still starting
     tensor_parallel_size: int = 1  # vllm: GPUs per engine (tensor parallel); each of num_workers engines has its own
     gpu_memory_utilization: float = 0.5  # vllm: share of each engine GPU's memory vLLM may take (weights + KV cache)
     max_model_len: int = 0  # vllm: context length of an engine; 0 = data.max_prompt_tokens + max_new_tokens
@@ -165,6 +166,7 @@ class RolloutConfig:
         _check_range(f"{prefix}.max_new_tokens", self.max_new_tokens, lo=1, integer=True)
         _check_range(f"{prefix}.n_samples_per_prompt", self.n_samples_per_prompt, lo=1, integer=True)
         _check_range(f"{prefix}.num_cpus", self.num_cpus, lo=0)
+        _check_range(f"{prefix}.join_wait_s", self.join_wait_s, lo=0)
         _check_range(f"{prefix}.tensor_parallel_size", self.tensor_parallel_size, lo=1, integer=True)
         _check_range(f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, lo=0, hi=1, lo_open=True)
         _check_range(f"{prefix}.max_model_len", self.max_model_len, lo=0, integer=True)
@@ -308,9 +310,9 @@ class RunConfig:
         if self.trainer.mini_batch_size > self.trainer.batch_size:
             _fail("trainer.mini_batch_size", self.trainer.mini_batch_size,
                   f"at most trainer.batch_size={self.trainer.batch_size}")
-        if self.trainer.batch_size % self.rollout.num_workers:
+        if self.rollout.num_workers > self.trainer.batch_size:  # shards may differ by one prompt, not be empty
             _fail("rollout.num_workers", self.rollout.num_workers,
-                  f"a divisor of trainer.batch_size={self.trainer.batch_size}")
+                  f"at most trainer.batch_size={self.trainer.batch_size} (every worker gets a share of the prompts)")
         if self.loss.objective == "grpo" and self.rollout.n_samples_per_prompt < 2:
             _fail("rollout.n_samples_per_prompt", self.rollout.n_samples_per_prompt,
                   "at least 2 with loss.objective=grpo (group-normalised advantages need a group)",

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -175,19 +176,49 @@ def restore_driver_state(ckpt: Path | None, sampler) -> int:
     return int(state["step"])
 
 
+def admit_rollout_workers(cfg, actors: Actors, wait_s: float = 0.0) -> int:
+    """Bring the rollout group back to rollout.num_workers when the cluster can place workers again (an
+    elastic cluster scaling up); new workers get the current student weights. Returns how many joined."""
+    joined = actors.rollouts.grow(cfg.rollout.num_workers, wait_s)
+    if joined:
+        if actors.on_policy:
+            actors.sync.sync()
+        tqdm.write(f"[elastic] {len(joined)} rollout worker(s) joined; {len(actors.rollouts)} working")
+    return len(joined)
+
+
+def rollout_phase(cfg, actors: Actors, step: int, prompts: list) -> tuple[list, list[dict]]:
+    """Sample one iteration's responses, split over the live rollout workers. A worker that dies leaves the
+    group and the phase is redone by the others (or by replacements when none is left): no student state
+    has changed yet, so nothing needs replaying from a checkpoint."""
+    while True:
+        workers = actors.rollouts.actors
+        bounds = np.linspace(0, len(prompts), len(workers) + 1).astype(int)  # shards differ by at most one
+        shards = [prompts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        roll = [a.rollout.options(num_returns=2).remote(
+            [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
+            SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
+                           seed=cfg.trainer.seed * 1_000_003 + step * 1009 + i), cfg.rollout.n_samples_per_prompt)
+            for i, (a, s) in enumerate(zip(workers, shards)) if s]
+        try:
+            return [r[0] for r in roll], ray.get([r[1] for r in roll])
+        except ACTOR_DIED:
+            lost = actors.rollouts.drop_dead()
+            if not lost:
+                raise
+            tqdm.write(f"[elastic] {lost} rollout worker(s) left at step {step + 1}; "
+                       f"{len(actors.rollouts)} still working")
+            # With no worker left, wait for a replacement; otherwise take whoever is ready now.
+            admit_rollout_workers(cfg, actors, wait_s=600.0 if not actors.rollouts.actors else 0.0)
+            if not actors.rollouts.actors:
+                raise
+
+
 def iteration(cfg, actors: Actors, step: int, prompts: list) -> dict:
     """One step of Algorithm 1: generate, score, train, sync. Payloads move between actors as refs."""
     t0 = time.perf_counter()
-    rollouts, teachers = actors.rollouts, actors.teachers
-    per_worker = len(prompts) // len(rollouts)
-    shards = [prompts[i * per_worker:(i + 1) * per_worker] for i in range(len(rollouts))]
-    roll = [a.rollout.options(num_returns=2).remote(
-        [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
-        SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                       seed=cfg.trainer.seed * 1_000_003 + step * 1009 + i), cfg.rollout.n_samples_per_prompt)
-        for i, (a, s) in enumerate(zip(rollouts.actors, shards))]
-    rollout_refs = [r[0] for r in roll]
-    rollout_stats = ray.get([r[1] for r in roll])
+    teachers = actors.teachers
+    rollout_refs, rollout_stats = rollout_phase(cfg, actors, step, prompts)
     t1 = time.perf_counter()
     scored = [teachers.actors[i % len(teachers)].score.options(num_returns=2).remote(ref)
               for i, ref in enumerate(rollout_refs)]
@@ -197,7 +228,7 @@ def iteration(cfg, actors: Actors, step: int, prompts: list) -> dict:
     train_metrics = actors.students.run("train_step", step, len(rollout_refs), *rollout_refs, *teacher_refs)[0]
     t3 = time.perf_counter()
     sync_metrics = actors.sync.sync() if actors.on_policy else {}
-    row = {"step": step + 1, **train_metrics, **sync_metrics}
+    row = {"step": step + 1, **train_metrics, **sync_metrics, "rollout/workers": len(rollout_refs)}
     for stats in (rollout_stats, teacher_stats):
         for key in stats[0]:
             row[key] = sum(s[key] for s in stats) / len(stats)
@@ -262,7 +293,9 @@ def main(argv=None) -> int:
     while step < t.max_steps:
         prompts = sampler.next_batch()
         try:
+            admit_rollout_workers(cfg, actors, cfg.rollout.join_wait_s if actors.rollouts.pending else 0.0)
             row = iteration(cfg, actors, step, prompts)
+            row.update({f"data/{k}": v for k, v in sampler.state_dict().items()})  # position after this batch
         except ACTOR_DIED as exc:  # a worker process died: rebuild everything from the last checkpoint
             restarts += 1
             ckpt = checkpoint.latest(out_dir / "checkpoints")

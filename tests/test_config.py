@@ -32,7 +32,7 @@ def test_overrides_are_typed():
     ("trainer.zero_stage=4", "trainer.zero_stage=4"),
     ("trainer.max_steps=2.5", "trainer.max_steps"),
     ("rollout.top_p=0", "rollout.top_p=0"),
-    ("rollout.num_workers=3", "rollout.num_workers=3"),
+    ("rollout.num_workers=33", "rollout.num_workers=33"),
     ("model.dtype=fp8", "model.dtype='fp8'"),
     ("loss.nope=1", "loss.nope"),
     ("nosection.x=1", "nosection"),
