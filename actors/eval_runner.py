@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import ray
 
 from actors.group import ActorGroup
 from actors.rollout import SamplingParams
 from eopd_ray.evaluation import summarize_correct
+
+
+def combine_fractions(parts: list[dict]) -> float:
+    """The high-entropy fraction over every worker's tokens with a finite entropy (each worker's fraction
+    weighted by its `num_tokens`, the finite-entropy count). NaN when tokens were generated but none had a
+    finite entropy (vLLM gives none), 0.0 when no tokens were generated at all."""
+    num = den = 0.0
+    for p in parts:
+        n, f = float(p["num_tokens"]), float(p["high_entropy_fraction"])
+        if n > 0 and math.isfinite(f):
+            num, den = num + f * n, den + n
+    if den > 0:
+        return num / den
+    generated = sum(p.get("num_generated_tokens", p["num_tokens"]) for p in parts)
+    return float("nan") if generated else 0.0
 
 
 def evaluate_on_workers(rollouts: ActorGroup, prompt_ids: list, answers: list, k: int, params: SamplingParams,
@@ -29,9 +46,8 @@ def evaluate_on_workers(rollouts: ActorGroup, prompt_ids: list, answers: list, k
             for pos, j in enumerate(idx):
                 texts[j] = part["texts"][pos * k:(pos + 1) * k]
                 lengths[j] = part["lengths"][pos * k:(pos + 1) * k]
-    tokens = sum(p["num_tokens"] for p in parts)
     out = summarize_correct(correct, k)
-    out["high_entropy_fraction"] = sum(p["high_entropy_fraction"] * p["num_tokens"] for p in parts) / max(tokens, 1)
+    out["high_entropy_fraction"] = combine_fractions(parts)
     out["entropy_hist"] = np.sum([p["entropy_hist"] for p in parts], axis=0).tolist()
     out["entropy_edges"] = parts[0]["entropy_edges"]
     out["correct"] = correct.tolist()

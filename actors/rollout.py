@@ -17,7 +17,7 @@ import torch
 
 from actors.faults import maybe_fail
 from eopd_ray.batch import make_rollout_table
-from eopd_ray.evaluation import grade_response, high_entropy_fraction
+from eopd_ray.evaluation import finite_entropies, grade_response, high_entropy_fraction
 from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
 
 
@@ -123,6 +123,14 @@ def _is_tied(model, name: str) -> bool:
     return name.endswith("lm_head.weight") and bool(getattr(model.config, "tie_word_embeddings", False))
 
 
+def _mean_entropy(entropies: list[np.ndarray]) -> float:
+    """Mean over tokens with a finite entropy; NaN if there are tokens but none has one, 0.0 if no tokens."""
+    finite, total = finite_entropies(entropies)
+    if finite.size:
+        return float(finite.mean())
+    return float("nan") if total else 0.0
+
+
 class RolloutWorker:
     """One rollout engine plus payload formatting and grading; runs with or without Ray."""
 
@@ -160,7 +168,8 @@ class RolloutWorker:
             "rollout/accuracy": float(np.mean(correct)) if correct else 0.0,
             "rollout/response_length": float(np.mean(lengths)) if lengths else 0.0,
             "rollout/tokens": int(sum(lengths)),
-            "rollout/entropy": float(np.concatenate(gen.entropy).mean()) if sum(lengths) else 0.0,
+            # NaN, not 0.0, when the engine gives no entropy (vLLM): nan-aware, over finite entropies only
+            "rollout/entropy": _mean_entropy(gen.entropy),
             "rollout/high_entropy_fraction": high_entropy_fraction(gen.entropy, 1.0),
             "time/generate": time.perf_counter() - t0,
         }
@@ -176,9 +185,10 @@ class RolloutWorker:
         gen = self.engine.generate(repeated, params)
         texts = self.tokenizer.batch_decode([r.tolist() for r in gen.response_ids], skip_special_tokens=True)
         correct = np.array([grade_response(t, a) for t, a in zip(texts, [a for a in answers for _ in range(k)])])
-        ent = np.concatenate(gen.entropy) if gen.entropy else np.zeros(0, np.float32)
+        ent, generated = finite_entropies(gen.entropy)  # NaN entropies (vLLM) are not counted
         hist, edges = np.histogram(ent, bins=ENTROPY_BINS, range=(0.0, ENTROPY_MAX))
         return {"correct": correct.reshape(len(prompt_ids), k), "num_tokens": int(ent.size),
+                "num_generated_tokens": generated,
                 "high_entropy_fraction": high_entropy_fraction(gen.entropy, threshold),
                 "entropy_hist": hist.tolist(), "entropy_edges": edges.tolist(),
                 "texts": texts if return_texts else texts[:4],

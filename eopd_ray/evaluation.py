@@ -31,10 +31,21 @@ def summarize_correct(correct_PN: np.ndarray, k: int) -> dict[str, float]:
     }
 
 
+def finite_entropies(entropies: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """(the finite per-token entropies, flattened as float64; the number of tokens in all). An engine
+    without full-vocabulary entropy (vLLM) reports NaN per token; such tokens are left out, not counted 0."""
+    flat = np.concatenate([np.asarray(e, dtype=np.float64).reshape(-1) for e in entropies]) if entropies else np.zeros(0)
+    return flat[np.isfinite(flat)], int(flat.size)
+
+
 def high_entropy_fraction(entropies: list[np.ndarray], threshold: float = 1.0) -> float:
-    """Fraction of generated tokens whose own predictive entropy is >= threshold (paper Fig. 3)."""
-    flat = np.concatenate([np.asarray(e, dtype=np.float64) for e in entropies]) if entropies else np.zeros(0)
-    return float((flat >= threshold).mean()) if flat.size else 0.0
+    """Fraction of generated tokens whose own predictive entropy is >= threshold (paper Fig. 3), over the
+    tokens with a finite entropy. NaN when there are tokens but none has one (an engine that gives no
+    entropy); 0.0 when there are no tokens at all."""
+    finite, total = finite_entropies(entropies)
+    if finite.size:
+        return float((finite >= threshold).mean())
+    return float("nan") if total else 0.0
 
 
 def grade_response(response: str, answer) -> bool:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from eopd_ray.checkpoint import write_json_atomic
@@ -36,21 +38,59 @@ def check_out_dir(path: str | Path, min_free_bytes: int = 50 * 2**20) -> Path:
     return path
 
 
+def json_safe(obj, inf_as_string: bool = False):
+    """`obj` with every NaN / +-inf float written as None (JSON null), so `json.dumps(..., allow_nan=False)`
+    produces strict JSON (NaN and Infinity are not JSON; browsers, jq and most non-Python readers reject
+    them). Metrics may be NaN: a vLLM rollout gives no entropy. numpy scalars and arrays become Python
+    numbers and lists. inf_as_string: write +-inf as "inf" / "-inf" (config floats such as loss.tau=inf,
+    which the config loader reads back from those strings) and NaN still as null."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v, inf_as_string) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, inf_as_string) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist(), inf_as_string)
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        if math.isfinite(value):
+            return value
+        if inf_as_string and math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return None
+    return obj
+
+
+def dumps_strict(obj, **kwargs) -> str:
+    """json.dumps of `json_safe(obj)` that refuses NaN/inf (strict JSON)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def _nan_for_null(row: dict) -> dict:
+    """A metrics row read back from metrics.jsonl: null (a NaN or inf when written) becomes NaN again, so
+    code holding rows in memory sees floats whether or not the run resumed."""
+    return {k: (float("nan") if v is None else v) for k, v in row.items()}
+
+
 def save_config(cfg: RunConfig, out_dir: Path) -> None:
     data = cfg.to_dict()
     (out_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    write_json_atomic(out_dir / "config.json", data)
+    write_json_atomic(out_dir / "config.json", json_safe(data, inf_as_string=True))  # tau=inf -> "inf"
 
 
 class MetricsLog:
     """One JSON line per training step in `metrics.jsonl`; on resume, lines after the restored step are
-    dropped so the log matches an uninterrupted run."""
+    dropped so the log matches an uninterrupted run. Lines are strict JSON: a NaN or infinite metric
+    (e.g. rollout/entropy from vLLM) is written as null; `rows` keep NaN in its place."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         self.rows: list[dict] = []
         if resume_step is not None and path.exists():
-            self.rows = [json.loads(line) for line in path.read_text().splitlines()]
+            self.rows = [_nan_for_null(json.loads(line)) for line in path.read_text().splitlines()]
             self.truncate(resume_step)
         elif path.exists():
             path.unlink()
@@ -59,19 +99,23 @@ class MetricsLog:
         """Drop rows after `step` (a fault replays those steps)."""
         self.rows = [r for r in self.rows if r["step"] <= step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        tmp.write_text("".join(dumps_strict(r) + "\n" for r in self.rows))
         os.replace(tmp, self.path)
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(dumps_strict(row) + "\n")
 
 
 def write_results(out_dir: Path, cfg: RunConfig, train_rows: list[dict], eval_results: dict,
                   report: list[str] | None = None) -> Path:
-    results = {"config": cfg.to_dict(),
+    """results.json as strict JSON: NaN / inf results (no entropy from vLLM) are null; config floats
+    that are inf (loss.tau) are "inf", which `config_from_dict` reads back."""
+    results = {"config": json_safe(cfg.to_dict(), inf_as_string=True),
                "train": {"steps_done": train_rows[-1]["step"] if train_rows else 0, "metrics": train_rows},
                "eval": eval_results, "report": report or []}
+    results = json_safe(results)
+    json.dumps(results, allow_nan=False, default=float)  # fails here, before the file is replaced, if anything slipped through
     write_json_atomic(out_dir / "results.json", results)
     return out_dir / "results.json"
