@@ -34,8 +34,10 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
 
 
 def _managed(param) -> bool:
-    """True if DeepSpeed keeps this parameter's fp32 master and moments in its own (partitioned) buffers."""
-    return hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None
+    """True if DeepSpeed keeps this parameter's fp32 master and moments in its own (partitioned) buffers. Under
+    ZeRO 1/2 a parameter held wholly by another rank has `_hp_mapping` None here: it is still managed (this
+    rank contributes zeros to the all-reduce that assembles it)."""
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
 def _adam_step(opt: torch.optim.Optimizer) -> int:
