@@ -233,10 +233,13 @@ class StudentTrainer:
                 if self.trainer.on_nonfinite == "stop":
                     raise NonFiniteLossError(f"non-finite loss ({float(loss)}) on the mini-batch with sample ids {ids}; "
                                              "the run stops (trainer.on_nonfinite=stop) keeping its last checkpoint")
+                loss_value = loss.detach()
                 del loss, logits_BLV, logits_BTV
                 if i > 0:  # earlier pieces have accumulated gradients: the whole mini-batch is dropped
                     self._discard_gradients()
-                print(f"[student rank {self.rank}] skipped an update: non-finite loss on sample ids {ids}", flush=True)
+                where = (f"non-finite loss on sample ids {ids}" if not torch.isfinite(loss_value).item()
+                         else f"a non-finite loss on another rank (this rank's piece: sample ids {ids})")
+                print(f"[student rank {self.rank}] skipped an update: {where}", flush=True)
                 return {"train/skipped_updates": 1.0, "tokens/masked": masked}
             self.engine.set_gradient_accumulation_boundary(i == len(pieces) - 1)
             # DeepSpeed averages over ranks (x world size); gradient_accumulation_steps is 1, so no 1/gas.
