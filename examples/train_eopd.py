@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="checkpoint and stop after step N as if interrupted (resume later with --resume)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def resolve_config(args):
