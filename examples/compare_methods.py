@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from eopd_ray.config import load_config  # noqa: E402
+from eopd_ray.run_io import dumps_strict  # noqa: E402
 
 METHODS = {
     "kd": ["loss.objective=kd"],
@@ -89,18 +90,23 @@ def summarize(all_results: dict[str, dict]) -> dict:
             "student_initial": {k: first["student_initial"][k] for k in ("avg_at_k", "pass_at_k", "high_entropy_fraction")}}
 
 
+def _pct(value) -> str:
+    """A fraction as a percentage; n/a where the engine gave no entropy (vLLM: NaN, stored as null)."""
+    return "n/a" if value is None or value != value else f"{100 * value:.1f}%"
+
+
 def markdown(summary: dict, command: str) -> str:
     k = next(iter(summary["methods"].values()))["k"]
     lines = [f"Made by `{command}`.", "",
-             f"| method | Avg@{k} | Pass@{k} | tokens with H >= 1 (teacher {100 * summary['teacher']['high_entropy_fraction']:.1f}%) "
+             f"| method | Avg@{k} | Pass@{k} | tokens with H >= 1 (teacher {_pct(summary['teacher']['high_entropy_fraction'])}) "
              "| final FKL where H_te >= tau | final student entropy | wall (s) |", "|---|---|---|---|---|---|---|"]
     for name, ref in (("teacher", summary["teacher"]), ("initial student", summary["student_initial"])):
-        lines.append(f"| {name} | {ref['avg_at_k']:.3f} | {ref['pass_at_k']:.3f} | {100 * ref['high_entropy_fraction']:.1f}% | | | |")
+        lines.append(f"| {name} | {ref['avg_at_k']:.3f} | {ref['pass_at_k']:.3f} | {_pct(ref['high_entropy_fraction'])} | | | |")
     for method, r in summary["methods"].items():
         fkl = f"{r['fkl_high_entropy_final']:.3f}" if r["fkl_high_entropy_final"] is not None else ""
         ent = f"{r['student_entropy_final']:.3f}" if r["student_entropy_final"] is not None else ""
         lines.append(f"| {LABELS[method]} | {r['avg_at_k']:.3f} | {r['pass_at_k']:.3f} | "
-                     f"{100 * r['high_entropy_fraction']:.1f}% | {fkl} | {ent} | {r['wall_s']:.0f} |")
+                     f"{_pct(r['high_entropy_fraction'])} | {fkl} | {ent} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
     all_results = {m: run_method(m, out, args.overrides) for m in methods}
     summary = summarize(all_results)
     command = "python examples/compare_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "comparison.json").write_text(json.dumps(summary, indent=2))
+    (out / "comparison.json").write_text(dumps_strict(summary, indent=2))
     (out / "comparison.md").write_text(markdown(summary, command))
     plot(all_results, summary, out / "comparison.png")
     print("\n" + markdown(summary, command))

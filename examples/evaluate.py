@@ -39,7 +39,7 @@ from eopd_ray.benchmarks import BENCHMARKS, load_benchmark  # noqa: E402
 from eopd_ray.data import DataError, synthetic_rows, tokenize_rows  # noqa: E402
 from eopd_ray.evaluation import pass_at_k  # noqa: E402
 from eopd_ray.models import load_tokenizer  # noqa: E402
-from eopd_ray.run_io import OutputDirError, check_out_dir  # noqa: E402
+from eopd_ray.run_io import OutputDirError, check_out_dir, dumps_strict  # noqa: E402
 
 SYNTHETIC = "synthetic"
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     summary = {"model": args.model, "settings": vars(args), "benchmarks": results,
                "average": {"avg_at_k": float(np.mean([r["avg_at_k"] for r in results.values()])),
                            "pass_at_k": float(np.mean([r["pass_at_k"] for r in results.values()]))}}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.json").write_text(dumps_strict(summary, indent=2))
     print(write_table(results, args.model, args.n, out / "results.md"))
     plot_curves(results, out / "pass_at_k.png")
     group.shutdown()
