@@ -44,7 +44,8 @@ def test_fewer_student_ranks_continue_exactly(big_runs, tmp_path, tiny_models):
     # and final weights equal the uninterrupted run's (one rank's loss equals the sum over two).
     full, part = big_runs
     out = _resume_copy(part, tmp_path)
-    proc = run_job(out, tiny_models, "--resume", str(out), "trainer.num_ranks=1", "trainer.zero_stage=0")
+    # run_job's own small defaults come first: ARGS restores this run's values after them.
+    proc = run_job(out, tiny_models, *ARGS, "--resume", str(out), "trainer.num_ranks=1", "trainer.zero_stage=0")
     assert "resuming from" in proc.stdout and "step 2" in proc.stdout
     a, b = _metrics(full), _metrics(out)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -60,7 +61,8 @@ def test_fewer_student_ranks_continue_exactly(big_runs, tmp_path, tiny_models):
 def test_other_rollout_worker_counts_continue_from_the_right_step(big_runs, tmp_path, tiny_models, workers, ranks):
     full, part = big_runs
     out = _resume_copy(part, tmp_path)
-    run_job(out, tiny_models, "--resume", str(out), f"rollout.num_workers={workers}", f"trainer.num_ranks={ranks}")
+    run_job(out, tiny_models, *ARGS, "--resume", str(out), f"rollout.num_workers={workers}",
+            f"trainer.num_ranks={ranks}")
     a, b = _metrics(full), _metrics(out)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["rollout/workers"] for r in b] == [2, 2, workers, workers]
