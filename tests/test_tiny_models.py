@@ -216,3 +216,20 @@ def test_default_models_meet_the_quality_bars():
     assert te["accuracy"] >= 0.85 and 0.2 <= st["accuracy"] <= 0.7 and st["accuracy"] < te["accuracy"] - 0.2
     assert te["mean_entropy_decision"] > 0.8 and te["mean_entropy_determined"] < 0.05
     assert te["noncanonical_rate"] > 0.7 and st["noncanonical_rate"] < 0.2
+
+
+def test_label_smoothing_spreads_a_share_of_each_target_over_the_vocabulary():
+    import numpy as np
+
+    from eopd_ray.tiny_models import _batch, build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = TinyModelsConfig(batch_size=4)
+    plain, smooth = TinyModelSpec(targets="soft"), TinyModelSpec(targets="soft", label_smoothing=0.2)
+    x0, y0 = _batch(np.random.default_rng(3), cfg, plain, tok)
+    x1, y1 = _batch(np.random.default_rng(3), cfg, smooth, tok)
+    assert torch.equal(x0, x1)  # same rows: only the targets differ
+    resp = y0.sum(-1) > 0
+    assert torch.equal(resp, y1.sum(-1) > 0)  # no target outside the responses
+    torch.testing.assert_close(y1[resp], 0.8 * y0[resp] + 0.2 / len(tok), rtol=0, atol=1e-7)
+    torch.testing.assert_close(y1[resp].sum(-1), torch.ones(int(resp.sum())), rtol=0, atol=1e-6)
