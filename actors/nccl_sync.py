@@ -267,16 +267,25 @@ class NcclWeightSync(WeightSync):
 
     def __init__(self, students, rollouts, bucket_mb: int, tensor_parallel_size: int):
         self.students, self.rollouts, self.bucket_mb = students, rollouts, bucket_mb
-        world = 1 + len(rollouts) * tensor_parallel_size
-        addr, port = ray.get(students.actors[0].master_address.remote())
-        # All members create the group together (rank 0 hosts its store), so submit everything, then wait.
-        ray.get(students.call("init_weight_group", addr, port, world)
-                + [a.init_weight_group.remote(addr, port, 1 + i * tensor_parallel_size, world)
-                   for i, a in enumerate(rollouts.actors)])
+        self.tp = tensor_parallel_size
+        self._connect()
         self.metas = ray.get(students.actors[0].weight_metas.remote())
+
+    def _connect(self) -> None:
+        """(Re)build the group over the engines present now. An NCCL group cannot gain or lose members, so
+        when rollout workers left or joined (elastic runs) every member builds a new one on a fresh port."""
+        world = 1 + len(self.rollouts) * self.tp
+        addr, port = ray.get(self.students.actors[0].master_address.remote())
+        # All members create the group together (rank 0 hosts its store), so submit everything, then wait.
+        ray.get(self.students.call("init_weight_group", addr, port, world)
+                + [a.init_weight_group.remote(addr, port, 1 + i * self.tp, world)
+                   for i, a in enumerate(self.rollouts.actors)])
+        self._members = [a._actor_id for a in self.rollouts.actors]
 
     def sync(self) -> dict[str, float]:
         t0 = time.perf_counter()
+        if [a._actor_id for a in self.rollouts.actors] != self._members:
+            self._connect()
         ray.get(self.rollouts.call("weight_sync_begin"))
         send = self.students.call("broadcast_weights", self.bucket_mb)
         recv = self.rollouts.call("receive_weights", self.metas, self.bucket_mb)
