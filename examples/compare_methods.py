@@ -59,10 +59,12 @@ def method_overrides(method: str, user: list[str]) -> list[str]:
     return out + list(user)
 
 
-def run_method(method: str, out: Path, user: list[str]) -> dict:
-    run_dir = out / method
+def run_method(method: str, out: Path, user: list[str], seed: int | None = None, per_seed_dir: bool = False) -> dict:
+    """One run of train_eopd.py into OUT/<method> (OUT/<method>/seed<N> when several seeds are compared)."""
+    run_dir = out / method / f"seed{seed}" if per_seed_dir else out / method
+    seed_args = [] if seed is None else [f"trainer.seed={seed}"]
     cmd = [sys.executable, str(Path(__file__).with_name("train_eopd.py")), "--out", str(run_dir),
-           *method_overrides(method, user)]
+           *method_overrides(method, user), *seed_args]
     print(f"\n=== {method}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=dict(os.environ))
@@ -73,21 +75,44 @@ def run_method(method: str, out: Path, user: list[str]) -> dict:
     return results
 
 
-def summarize(all_results: dict[str, dict]) -> dict:
+REF_KEYS = ("avg_at_k", "pass_at_k", "high_entropy_fraction")
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and v == v]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
+    return mean, std
+
+
+def summarize(all_results: dict[str, list[dict]]) -> dict:
+    """Per method: the mean over seeds of each figure (and its sample standard deviation as <key>_std when
+    there are several seeds). Teacher and initial student likewise (their evaluation seed follows the run's)."""
     rows = {}
-    teacher = None
-    for method, res in all_results.items():
-        ev, last = res["eval"], res["train"]["metrics"][-1]
-        teacher = teacher or ev["teacher"]
-        rows[method] = {
-            "avg_at_k": ev["student"]["avg_at_k"], "pass_at_k": ev["student"]["pass_at_k"], "k": ev["student"]["k"],
-            "high_entropy_fraction": ev["student"]["high_entropy_fraction"],
-            "fkl_high_entropy_final": last.get("fkl/high_entropy_mean"),
-            "student_entropy_final": last.get("student/entropy"), "wall_s": res["wall_s"],
-        }
-    first = next(iter(all_results.values()))["eval"]
-    return {"methods": rows, "teacher": {k: first["teacher"][k] for k in ("avg_at_k", "pass_at_k", "high_entropy_fraction")},
-            "student_initial": {k: first["student_initial"][k] for k in ("avg_at_k", "pass_at_k", "high_entropy_fraction")}}
+    for method, runs in all_results.items():
+        per_run = [{
+            "avg_at_k": r["eval"]["student"]["avg_at_k"], "pass_at_k": r["eval"]["student"]["pass_at_k"],
+            "high_entropy_fraction": r["eval"]["student"]["high_entropy_fraction"],
+            "fkl_high_entropy_final": r["train"]["metrics"][-1].get("fkl/high_entropy_mean"),
+            "student_entropy_final": r["train"]["metrics"][-1].get("student/entropy"), "wall_s": r["wall_s"],
+        } for r in runs]
+        row = {"k": runs[0]["eval"]["student"]["k"], "seeds": len(runs)}
+        for key in per_run[0]:
+            row[key], std = _mean_std([x[key] for x in per_run])
+            if len(runs) > 1:
+                row[f"{key}_std"] = std
+        rows[method] = row
+    refs = [r["eval"] for runs in all_results.values() for r in runs]
+    out = {"methods": rows}
+    for name in ("teacher", "student_initial"):
+        out[name] = {}
+        for key in REF_KEYS:
+            out[name][key], std = _mean_std([ev[name][key] for ev in refs])
+            if len(next(iter(all_results.values()))) > 1:
+                out[name][f"{key}_std"] = std
+    return out
 
 
 def _pct(value) -> str:
@@ -95,27 +120,42 @@ def _pct(value) -> str:
     return "n/a" if value is None or value != value else f"{100 * value:.1f}%"
 
 
+def _num(row: dict, key: str, pct: bool = False) -> str:
+    value, std = row.get(key), row.get(f"{key}_std")
+    if value is None or value != value:
+        return "n/a" if pct else ""
+    text = f"{100 * value:.1f}%" if pct else f"{value:.3f}"
+    if std is not None:
+        text += f" ± {100 * std:.1f}" if pct else f" ± {std:.3f}"
+    return text
+
+
 def markdown(summary: dict, command: str) -> str:
     k = next(iter(summary["methods"].values()))["k"]
-    lines = [f"Made by `{command}`.", "",
+    seeds = next(iter(summary["methods"].values())).get("seeds", 1)
+    spread = f" Mean ± standard deviation over {seeds} seeds." if seeds > 1 else ""
+    lines = [f"Made by `{command}`.{spread}", "",
              f"| method | Avg@{k} | Pass@{k} | tokens with H >= 1 (teacher {_pct(summary['teacher']['high_entropy_fraction'])}) "
              "| final FKL where H_te >= tau | final student entropy | wall (s) |", "|---|---|---|---|---|---|---|"]
     for name, ref in (("teacher", summary["teacher"]), ("initial student", summary["student_initial"])):
-        lines.append(f"| {name} | {ref['avg_at_k']:.3f} | {ref['pass_at_k']:.3f} | {_pct(ref['high_entropy_fraction'])} | | | |")
+        lines.append(f"| {name} | {_num(ref, 'avg_at_k')} | {_num(ref, 'pass_at_k')} | "
+                     f"{_num(ref, 'high_entropy_fraction', pct=True)} | | | |")
     for method, r in summary["methods"].items():
-        fkl = f"{r['fkl_high_entropy_final']:.3f}" if r["fkl_high_entropy_final"] is not None else ""
-        ent = f"{r['student_entropy_final']:.3f}" if r["student_entropy_final"] is not None else ""
-        lines.append(f"| {LABELS[method]} | {r['avg_at_k']:.3f} | {r['pass_at_k']:.3f} | "
-                     f"{_pct(r['high_entropy_fraction'])} | {fkl} | {ent} | {r['wall_s']:.0f} |")
+        lines.append(f"| {LABELS[method]} | {_num(r, 'avg_at_k')} | {_num(r, 'pass_at_k')} | "
+                     f"{_num(r, 'high_entropy_fraction', pct=True)} | {_num(r, 'fkl_high_entropy_final')} | "
+                     f"{_num(r, 'student_entropy_final')} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(all_results: dict[str, dict], summary: dict, path: Path) -> None:
+def plot(all_results: dict[str, list[dict]], summary: dict, path: Path) -> None:
+    """Accuracy bars (with the spread over seeds when there are several) and the first seed's curves."""
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     names = list(summary["methods"])
     xs = range(len(names))
-    axes[0].bar([x - 0.2 for x in xs], [summary["methods"][n]["avg_at_k"] for n in names], 0.4, label="Avg@k")
-    axes[0].bar([x + 0.2 for x in xs], [summary["methods"][n]["pass_at_k"] for n in names], 0.4, label="Pass@k")
+    for shift, key, label in ((-0.2, "avg_at_k", "Avg@k"), (0.2, "pass_at_k", "Pass@k")):
+        errs = [summary["methods"][n].get(f"{key}_std") or 0.0 for n in names]
+        axes[0].bar([x + shift for x in xs], [summary["methods"][n][key] for n in names], 0.4, yerr=errs,
+                    capsize=2, label=label)
     axes[0].axhline(summary["teacher"]["avg_at_k"], color="k", ls="--", lw=1, label="teacher Avg@k")
     axes[0].axhline(summary["student_initial"]["avg_at_k"], color="grey", ls=":", lw=1, label="initial student Avg@k")
     axes[0].set_xticks(list(xs), [LABELS[n] for n in names], rotation=35, ha="right", fontsize=8)
@@ -124,7 +164,7 @@ def plot(all_results: dict[str, dict], summary: dict, path: Path) -> None:
     for ax, key, title in ((axes[1], "student/entropy", "student entropy during training (Fig. 4)"),
                            (axes[2], "fkl/high_entropy_mean", "forward KL where teacher H >= tau (Fig. 5)")):
         for n in names:
-            rows = all_results[n]["train"]["metrics"]
+            rows = all_results[n][0]["train"]["metrics"]
             ax.plot([r["step"] for r in rows], [r.get(key) for r in rows], label=LABELS[n])
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -140,7 +180,14 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="overrides applied to every method, e.g. trainer.max_steps=4")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    args = p.parse_args(argv)
+    p.add_argument("--seeds", default="", help="comma-separated trainer.seed values, e.g. 0,1,2: every method is "
+                   "run once per seed and the table shows mean ± standard deviation (default: one run, the config's seed)")
+    args = p.parse_intermixed_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or [None]
+    except ValueError:
+        print(f"error: --seeds {args.seeds!r} must be comma-separated integers, e.g. --seeds 0,1,2", file=sys.stderr)
+        return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -150,7 +197,8 @@ def main(argv=None) -> int:
         load_config(None, method_overrides(m, args.overrides))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    all_results = {m: run_method(m, out, args.overrides) for m in methods}
+    all_results = {m: [run_method(m, out, args.overrides, seed, per_seed_dir=len(seeds) > 1) for seed in seeds]
+                   for m in methods}
     summary = summarize(all_results)
     command = "python examples/compare_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (out / "comparison.json").write_text(dumps_strict(summary, indent=2))

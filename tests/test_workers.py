@@ -193,9 +193,10 @@ def test_non_finite_loss_is_skipped_or_stops(setup, trainer):
         tr.trainer.on_nonfinite = "skip"
 
 
-def _new_trainer(setup, stage: int, lr: float = 1e-3):
+def _new_trainer(setup, *overrides, stage: int = 0, lr: float = 1e-3):
+    """A one-rank trainer of the test student: B = 16, B_mini = 8 (two updates per step), 4 steps."""
     cfg = load_config(None, ["trainer.batch_size=16", "trainer.mini_batch_size=8", "trainer.max_steps=4",
-                             f"trainer.lr={lr}", f"trainer.zero_stage={stage}", "trainer.weight_decay=0.1"])
+                             f"trainer.lr={lr}", f"trainer.zero_stage={stage}", *overrides])
     tok = setup["tok"]
     tr = StudentTrainer(setup["student"], cfg.trainer, cfg.loss, rank=0, world_size=1, vocab_size=len(tok),
                         pad_id=tok.pad_token_id)
@@ -217,13 +218,13 @@ def test_training_state_moves_between_zero_stages(setup, trainer, tmp_path, save
     correction) and the scheduled lr, so a missing piece moves the weights by ~lr."""
     _, _, scored = trainer
     table = setup["table"]
-    a = _new_trainer(setup, save_stage)
+    a = _new_trainer(setup, "trainer.weight_decay=0.1", stage=save_stage)
     a.train_step(0, 1, table, scored)
     a.train_step(1, 1, table, scored)
     a.save(str(tmp_path))
     a.train_step(2, 1, table, scored)
     expected, lr_expected = _weights(a), a.engine.get_lr()[0]
-    b = _new_trainer(setup, load_stage)
+    b = _new_trainer(setup, "trainer.weight_decay=0.1", stage=load_stage)
     state = b.load(str(tmp_path))
     assert state["adam_step"] == 4 and state["saved_zero_stage"] == save_stage  # 2 steps x 2 mini-batches
     b.train_step(2, 1, table, scored)
@@ -252,16 +253,6 @@ def test_split_rows_respects_the_budget_and_the_piece_count():
     assert len(more) == len(pieces) + 1 and all((b - a) * max(lengths[a:b]) <= 12 or b - a == 1 for a, b in more)
     with pytest.raises(ValueError):
         split_rows(lengths, 12, 9)
-
-
-def _budget_trainer(setup, *overrides, stage: int = 0, lr: float = 1e-3):
-    cfg = load_config(None, ["trainer.batch_size=16", "trainer.mini_batch_size=8", "trainer.max_steps=4",
-                             f"trainer.lr={lr}", f"trainer.zero_stage={stage}", *overrides])
-    tok = setup["tok"]
-    tr = StudentTrainer(setup["student"], cfg.trainer, cfg.loss, rank=0, world_size=1, vocab_size=len(tok),
-                        pad_id=tok.pad_token_id)
-    tr.setup("127.0.0.1", free_port())
-    return tr
 
 
 def _grads_at_step(tr) -> list:
@@ -299,11 +290,11 @@ def test_micro_batches_give_the_update_of_the_whole_share(setup, trainer, monkey
 
     # lr 1e-4: Adam divides by |g|, so a float32 rounding difference in a near-zero gradient moves a weight
     # by up to ~lr x (relative rounding); at 1e-3 that reaches a few 1e-6 after two steps.
-    whole = _budget_trainer(setup, lr=1e-4)
+    whole = _new_trainer(setup, lr=1e-4)
     whole_grads = _grads_at_step(whole)
     m_whole = whole.train_step(0, 1, table, scored)
 
-    cut = _budget_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", lr=1e-4)
+    cut = _new_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", lr=1e-4)
     calls = []
     real_loss = student.eopd_loss
     monkeypatch.setattr(student, "eopd_loss", lambda *a, **kw: calls.append(a[0].shape[0]) or real_loss(*a, **kw))
@@ -325,7 +316,7 @@ def test_micro_batches_give_the_update_of_the_whole_share(setup, trainer, monkey
 
     # Sensitivity: each piece normalised by its own token count gives a different update.
     monkeypatch.setattr(student, "eopd_loss", lambda *a, num_tokens=None, **kw: real_loss(*a, **kw))
-    local = _budget_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", lr=1e-4)
+    local = _new_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", lr=1e-4)
     local.train_step(0, 1, table, scored)
     assert _max_diff(_weights(whole), _weights(local)) > 1e-5
 
@@ -344,13 +335,13 @@ def test_non_finite_piece_skips_the_whole_mini_batch(setup, trainer, stage):
     values[offsets[7]] = np.nan  # first response token of row 7: the last piece of mini-batch 0
     bad = scored.set_column(scored.schema.get_field_index("teacher_logprobs"), "teacher_logprobs",
                             pa.ListArray.from_arrays(col.offsets, pa.array(values)))
-    cut = _budget_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", stage=stage)
+    cut = _new_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", stage=stage)
     before = _weights(cut)
     m = cut.train_step(0, 1, table.slice(0, 8), bad.slice(0, 8))
     assert m["train/skipped_updates"] == 1.0
     assert _max_diff(before, _weights(cut)) == 0.0
     cut.train_step(1, 1, table.slice(8, 8), scored.slice(8, 8))
-    fresh = _budget_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", stage=stage)
+    fresh = _new_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", stage=stage)
     fresh.train_step(1, 1, table.slice(8, 8), scored.slice(8, 8))
     moved = _max_diff(_weights(fresh), _weights(cut))
     assert moved < 1e-6, f"gradients of the skipped pieces leaked into the next step ({moved:.3g})"
@@ -360,8 +351,8 @@ def test_non_finite_piece_skips_the_whole_mini_batch(setup, trainer, stage):
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(setup, trainer):
     _, _, scored = trainer
     table = setup["table"]
-    plain = _budget_trainer(setup)
-    ckpt = _budget_trainer(setup, "trainer.gradient_checkpointing=true")
+    plain = _new_trainer(setup)
+    ckpt = _new_trainer(setup, "trainer.gradient_checkpointing=true")
     flag = "is_activation_checkpointing" if hasattr(plain.engine.module, "is_activation_checkpointing") \
         else "is_gradient_checkpointing"
     assert getattr(ckpt.engine.module, flag) and not getattr(plain.engine.module, flag)
