@@ -190,7 +190,7 @@ class TeacherConfig:
 class TrainerConfig:
     """Student optimisation (Algorithm 1): one step = B prompts, then B / B_mini optimizer updates."""
 
-    max_steps: int = 48  # iterations of Algorithm 1
+    max_steps: int = 96  # iterations of Algorithm 1
     batch_size: int = 32  # B: prompts per iteration, one rollout each
     mini_batch_size: int = 8  # B_mini: prompts per optimizer update
     lr: float = 1e-4  # AdamW peak learning rate (paper: 3e-6 for 0.6-4B students; 2e-4+ destabilises the tiny one)
