@@ -45,13 +45,15 @@ class ActorGroup:
         """Ping every member; remove those whose process is gone (their bundles become free). Returns how many
         left. A member that does not answer within `timeout_s` but is not dead stays."""
         refs = [a.ping.remote() for a in self.actors]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)  # one deadline for all
         alive = []
         for actor, bundle, ref in zip(self.actors, self.bundles, refs):
             try:
-                ray.get(ref, timeout=timeout_s)
-                alive.append((actor, bundle))
-            except ray.exceptions.GetTimeoutError:
-                alive.append((actor, bundle))
+                if ref in done:
+                    ray.get(ref)
+                alive.append((actor, bundle))  # answered, or busy past the deadline: not known to be dead
+            except ray.exceptions.ActorUnavailableError:
+                alive.append((actor, bundle))  # unreachable for now (e.g. restarting): may come back
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
                 ray.kill(actor, no_restart=True)
         lost = len(self.actors) - len(alive)

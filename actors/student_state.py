@@ -67,9 +67,12 @@ def save_state(engine, rank: int, world_size: int, zero_stage: int, out_dir: str
     step = _adam_step(opt)
     weights, moments = {}, {}
     for name, param in engine.module.named_parameters():
-        weights[name] = _full(param, None, opt)
-        for key in MOMENTS:
-            moments[f"{key}/{name}"] = _full(param, key, opt) if step > 0 else torch.zeros_like(weights[name])
+        # Every rank takes part in each gather; only rank 0 keeps the result (host memory: 12 bytes/param).
+        full = _full(param, None, opt)
+        moment = {key: _full(param, key, opt) if step > 0 else torch.zeros_like(full) for key in MOMENTS}
+        if rank == 0:
+            weights[name] = full
+            moments.update({f"{key}/{name}": value for key, value in moment.items()})
     if rank != 0:
         return
     sched = engine.lr_scheduler
@@ -107,17 +110,19 @@ def load_state(engine, zero_stage: int, in_dir: str | Path, pad_id: int) -> dict
     working copy (bf16 under mixed precision), AdamW moments and step, and the LR schedule position."""
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     src = Path(in_dir) / STATE_DIR
     if not (src / "trainer_state.json").exists():
         raise FileNotFoundError(f"no portable student state in {src} (expected model.safetensors, "
                                 "optimizer.safetensors and trainer_state.json)")
     state = json.loads((src / "trainer_state.json").read_text())
-    weights, moments = load_file(str(src / "model.safetensors")), load_file(str(src / "optimizer.safetensors"))
+    # Tensors are read one at a time (safe_open maps the file), so no rank holds a second full copy.
+    weights = safe_open(str(src / "model.safetensors"), framework="pt")
+    moments = safe_open(str(src / "optimizer.safetensors"), framework="pt")
     params = dict(engine.module.named_parameters())
-    if set(params) != set(weights):
-        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if set(params) != set(weights.keys()):
+        missing, extra = sorted(set(params) - set(weights.keys())), sorted(set(weights.keys()) - set(params))
         raise RuntimeError(f"checkpoint {src} does not match the student: missing {missing[:5]}, extra {extra[:5]}")
     opt = _base_optimizer(engine)
     if state["adam_step"] > 0 and not opt.state:
@@ -126,16 +131,21 @@ def load_state(engine, zero_stage: int, in_dir: str | Path, pad_id: int) -> dict
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=zero_stage == 3):
         with torch.no_grad():
             for name, param in params.items():
-                param.data.copy_(weights[name].to(param.dtype).view_as(param.data))
+                param.data.copy_(weights.get_tensor(name).to(param.dtype).view_as(param.data))
+    keys = (None, *MOMENTS) if state["adam_step"] > 0 else (None,)
     for name, param in params.items():
-        if _managed(param):
-            safe_set_full_fp32_param(param, weights[name].to(_device_of(param)))
-            if state["adam_step"] > 0:
-                for key in MOMENTS:
-                    safe_set_full_optimizer_state(param, moments[f"{key}/{name}"].to(_device_of(param)), key)
-        elif state["adam_step"] > 0:
-            for key in MOMENTS:
-                opt.state[param][key].copy_(moments[f"{key}/{name}"].view_as(opt.state[param][key]))
+        for key in keys:
+            value = weights.get_tensor(name) if key is None else moments.get_tensor(f"{key}/{name}")
+            if hasattr(param, "ds_id"):
+                _set_zero3_partition(param, value, key)
+            elif _managed(param):
+                value = value.to(_device_of(param))
+                if key is None:
+                    safe_set_full_fp32_param(param, value)
+                else:
+                    safe_set_full_optimizer_state(param, value, key)
+            elif key is not None:
+                opt.state[param][key].copy_(value.view_as(opt.state[param][key]))
     for s in opt.state.values():
         if "step" in s:
             s["step"] = torch.tensor(float(state["adam_step"])) if torch.is_tensor(s["step"]) else state["adam_step"]
@@ -148,6 +158,18 @@ def load_state(engine, zero_stage: int, in_dir: str | Path, pad_id: int) -> dict
         sched._last_lr = [g["lr"] for g in opt.param_groups]
     engine.global_steps = state["global_steps"]
     return state
+
+
+def _set_zero3_partition(param, value: torch.Tensor, key: str | None) -> None:
+    """This rank's slice of a full value into its ZeRO-3 fp32 partition. DeepSpeed's own setter slices a
+    padded partition out of the unpadded value, which overruns on the last rank whenever the parameter's size
+    does not divide by the world size (e.g. a 2048-wide Qwen3 on 3 ranks); here the tail stays padding."""
+    zopt = param._z3_optimizer
+    part, _ = zopt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    flat = value.flatten().to(part.device, part.dtype)
+    start = part.numel() * zopt._get_param_partition_rank(param)
+    n = max(0, min(part.numel(), flat.numel() - start))
+    part.data[:n].copy_(flat[start:start + n])
 
 
 def _device_of(param) -> torch.device:

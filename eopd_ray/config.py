@@ -310,6 +310,10 @@ class RunConfig:
         if self.trainer.mini_batch_size > self.trainer.batch_size:
             _fail("trainer.mini_batch_size", self.trainer.mini_batch_size,
                   f"at most trainer.batch_size={self.trainer.batch_size}")
+        if self.model.dtype == "bfloat16" and self.trainer.zero_stage == 0:
+            # DeepSpeed's stage-0 bf16 path keeps fp32 masters the world-size-independent checkpoint cannot reach.
+            _fail("trainer.zero_stage", 0, "1, 2 or 3 with model.dtype=bfloat16",
+                  "set trainer.zero_stage=1 (or model.dtype=float32)")
         if self.rollout.num_workers > self.trainer.batch_size:  # shards may differ by one prompt, not be empty
             _fail("rollout.num_workers", self.rollout.num_workers,
                   f"at most trainer.batch_size={self.trainer.batch_size} (every worker gets a share of the prompts)")

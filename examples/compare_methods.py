@@ -104,7 +104,8 @@ def summarize(all_results: dict[str, list[dict]]) -> dict:
             if len(runs) > 1:
                 row[f"{key}_std"] = std
         rows[method] = row
-    refs = [r["eval"] for runs in all_results.values() for r in runs]
+    # Teacher and initial student are evaluated identically by every method's run of a seed: one per seed.
+    refs = [r["eval"] for r in next(iter(all_results.values()))]
     out = {"methods": rows}
     for name in ("teacher", "student_initial"):
         out[name] = {}

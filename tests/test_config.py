@@ -34,6 +34,7 @@ def test_overrides_are_typed():
     ("rollout.top_p=0", "rollout.top_p=0"),
     ("rollout.num_workers=33", "rollout.num_workers=33"),
     ("model.dtype=fp8", "model.dtype='fp8'"),
+    ("model.dtype=bfloat16", "trainer.zero_stage=0"),  # bf16 needs a ZeRO stage >= 1
     ("loss.nope=1", "loss.nope"),
     ("nosection.x=1", "nosection"),
     ("trainer=3", "trainer"),
