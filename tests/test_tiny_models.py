@@ -209,13 +209,15 @@ def test_evaluate_model_reports_entropy_by_position_kind(built):
 @pytest.mark.e2e
 def test_default_models_meet_the_quality_bars():
     """The shipped default pair (about a minute to build on 2 idle cores, then cached): a strong teacher that
-    uses every order, and a weaker student that mostly follows one."""
+    uses every order and is sure where the task is determined, and a much weaker, under-confident student
+    (measured at build time: teacher 0.96 accurate, student 0.08; entropy where determined 0.007 vs 0.75)."""
     teacher, student = ensure_tiny_models(progress=False)
     problems = T.make_problems(200, seed=0, split="test")
     te, st = evaluate_model(teacher, problems), evaluate_model(student, problems)
-    assert te["accuracy"] >= 0.85 and 0.2 <= st["accuracy"] <= 0.7 and st["accuracy"] < te["accuracy"] - 0.2
+    assert te["accuracy"] >= 0.85 and 0.02 <= st["accuracy"] <= 0.3 and st["accuracy"] < te["accuracy"] - 0.5
     assert te["mean_entropy_decision"] > 0.8 and te["mean_entropy_determined"] < 0.05
-    assert te["noncanonical_rate"] > 0.7 and st["noncanonical_rate"] < 0.2
+    assert te["noncanonical_rate"] > 0.7
+    assert st["mean_entropy_determined"] > 0.3 and st["frac_entropy_ge_1.0"] > 3 * te["frac_entropy_ge_1.0"]
 
 
 def test_label_smoothing_spreads_a_share_of_each_target_over_the_vocabulary():
