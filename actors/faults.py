@@ -2,13 +2,14 @@
 
 EOPD_FAULT_INJECT names a JSON file holding a list of faults such as [{"role": "rollout", "call": 2}]. The
 entries of one role fire in order: a worker of that role reaching the `call`-th call (1-based, counted per
-process) of the role's first remaining entry removes that entry from the file and kills itself with
-SIGKILL, so each entry fires exactly once. Without the variable this is a
-no-op costing one dict lookup.
+process) of the role's first remaining entry removes that entry from the file (under a file lock) and kills
+itself with SIGKILL, so each entry fires exactly once. Roles: rollout, rollout_eval (evaluation calls),
+teacher, student. Without the variable this is a no-op costing one dict lookup.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -23,14 +24,22 @@ def maybe_fail(role: str) -> None:
         return
     _calls[role] += 1
     try:
-        with open(path, encoding="utf-8") as fh:
-            faults = json.load(fh)
-    except (OSError, ValueError):
+        fh = open(path, "r+", encoding="utf-8")
+    except OSError:
         return
-    i = next((i for i, fault in enumerate(faults) if fault.get("role") == role), None)
-    if i is not None and _calls[role] >= int(faults[i].get("call", 1)):
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(faults[:i] + faults[i + 1:], fh)
-        os.replace(tmp, path)
-        os.kill(os.getpid(), signal.SIGKILL)
+    with fh:
+        # Workers of one role reach their call at the same moment: the lock makes exactly one of them fire.
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            faults = json.load(fh)
+        except ValueError:
+            return
+        i = next((i for i, fault in enumerate(faults) if fault.get("role") == role), None)
+        if i is None or _calls[role] < int(faults[i].get("call", 1)):
+            return
+        fh.seek(0)
+        json.dump(faults[:i] + faults[i + 1:], fh)
+        fh.truncate()
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)

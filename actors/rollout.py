@@ -179,6 +179,7 @@ class RolloutWorker:
                  model_path: str | None = None, return_texts: bool = False) -> dict:
         """k samples per prompt; returns per-problem correctness (P, k), the generated-token entropies
         summarised as a high-entropy fraction and a histogram (paper Fig. 3), and optionally every text."""
+        maybe_fail("rollout_eval")
         if model_path:
             self.engine.load_model(model_path)
         repeated = [p for p in prompt_ids for _ in range(k)]

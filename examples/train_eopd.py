@@ -126,10 +126,29 @@ def save_checkpoint(out_dir: Path, step: int, students, sampler) -> Path:
     return final
 
 
-def evaluate(cfg, rollouts, eval_recs, model_path: str | None, seed: int) -> dict:
+def evaluate(cfg, actors, models, eval_recs, model_path: str | None, seed: int) -> dict:
+    """Avg@k / Pass@k of `model_path` (None: the trained weights the workers hold). A rollout worker that dies
+    leaves, and the evaluation is redone by the others or by replacements given the trained weights."""
     params = SamplingParams(cfg.eval.temperature, cfg.eval.top_p, cfg.rollout.max_new_tokens, seed)
-    return evaluate_on_workers(rollouts, [r.prompt_ids for r in eval_recs], [r.answer for r in eval_recs],
-                               cfg.eval.k, params, cfg.eval.high_entropy_threshold, model_path)
+    while True:
+        try:
+            return evaluate_on_workers(actors.rollouts, [r.prompt_ids for r in eval_recs],
+                                       [r.answer for r in eval_recs], cfg.eval.k, params,
+                                       cfg.eval.high_entropy_threshold, model_path)
+        except ACTOR_DIED:
+            lost = actors.rollouts.drop_dead()
+            if not lost:
+                raise
+            tqdm.write(f"[elastic] {lost} rollout worker(s) left during evaluation; "
+                       f"{len(actors.rollouts)} still working")
+            joined = actors.rollouts.grow(cfg.rollout.num_workers, 600.0 if not actors.rollouts.actors else 0.0)
+            if joined:
+                if not actors.on_policy:  # new KD workers start with the teacher: give them the student
+                    ray.get([a.load_model.remote(models.student_path) for a in joined])
+                actors.sync.sync()  # the trained weights (a later model_path evaluation loads its own)
+                tqdm.write(f"[elastic] {len(joined)} rollout worker(s) joined; {len(actors.rollouts)} working")
+            if not actors.rollouts.actors:
+                raise
 
 
 ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
@@ -341,9 +360,9 @@ def main(argv=None) -> int:
             rollouts.run("load_model", models.student_path)
             actors.sync.sync()
         seed = t.seed + 777
-        eval_results["student"] = evaluate(cfg, rollouts, eval_recs, None, seed)
-        eval_results["student_initial"] = evaluate(cfg, rollouts, eval_recs, models.student_path, seed)
-        eval_results["teacher"] = evaluate(cfg, rollouts, eval_recs, models.teacher_path, seed)
+        eval_results["student"] = evaluate(cfg, actors, models, eval_recs, None, seed)
+        eval_results["student_initial"] = evaluate(cfg, actors, models, eval_recs, models.student_path, seed)
+        eval_results["teacher"] = evaluate(cfg, actors, models, eval_recs, models.teacher_path, seed)
         for line in eval_report(eval_results, cfg.eval.high_entropy_threshold):
             print(line)
         entropy_histograms(eval_results, out_dir / "entropy_hist.png", cfg.eval.high_entropy_threshold)

@@ -97,3 +97,18 @@ def test_rollout_workers_leave_and_join_while_the_loop_runs(tmp_path, tiny_model
     for r in rows:
         assert r["pg/ratio_mean"] == pytest.approx(1.0, abs=1e-4), r["step"]
     assert final_weights(out)  # finished and checkpointed
+
+
+def test_a_rollout_worker_lost_during_evaluation_is_replaced(tmp_path, tiny_models, monkeypatch):
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps([{"role": "rollout_eval", "call": 2}]))  # in the initial student's evaluation
+    monkeypatch.setenv("EOPD_FAULT_INJECT", str(faults))
+    out = tmp_path / "run"
+    proc = run_job(out, tiny_models, "trainer.max_steps=1", "rollout.num_workers=2")
+    log = proc.stdout + proc.stderr
+    assert json.loads(faults.read_text()) == []
+    assert "[elastic] 1 rollout worker(s) left during evaluation; 1 still working" in log
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["eval"]) == {"teacher", "student_initial", "student"}
+    for ev in results["eval"].values():
+        assert 0 <= ev["avg_at_k"] <= ev["pass_at_k"] <= 1
