@@ -314,7 +314,7 @@ def main(argv=None) -> int:
         try:
             admit_rollout_workers(cfg, actors, cfg.rollout.join_wait_s if actors.rollouts.pending else 0.0)
             row = iteration(cfg, actors, step, prompts)
-            row.update({f"data/{k}": v for k, v in sampler.state_dict().items()})  # position after this batch
+            row.update({f"data/{k}": v for k, v in sampler.state_dict().items() if k != "seed"})  # after this batch
         except ACTOR_DIED as exc:  # a worker process died: rebuild everything from the last checkpoint
             restarts += 1
             ckpt = checkpoint.latest(out_dir / "checkpoints")
