@@ -150,7 +150,9 @@ class TorchComm:
 
 
 def ipc_handle(tensor: torch.Tensor):
-    """A picklable handle to a CUDA tensor; the sender must keep `tensor` alive until the receiver is done."""
+    """A picklable handle to a CUDA tensor; the sender must keep `tensor` alive until the receiver is done.
+    It is (rebuild function, args): plain pickle and Ray carry it, vLLM's collective_rpc does not (the engine
+    pickles it to bytes first, see actors/vllm_engine.py)."""
     from torch.multiprocessing.reductions import reduce_tensor
 
     return reduce_tensor(tensor)
@@ -161,7 +163,9 @@ def open_ipc_handle(handle, device_index: int) -> torch.Tensor:
     which differs from ours when each process sees its GPU under another CUDA_VISIBLE_DEVICES numbering."""
     rebuild, args = handle
     args = list(args)
-    args[6] = device_index  # rebuild_cuda_tensor's storage_device argument
+    # rebuild_cuda_tensor's storage_device argument (torch/multiprocessing/reductions.py; vLLM's RLHF examples
+    # patch the same index)
+    args[6] = device_index
     return rebuild(*args)
 
 
@@ -306,7 +310,7 @@ class IpcWeightSync(WeightSync):
     def sync(self) -> dict[str, float]:
         t0 = time.perf_counter()
         load = 0.0
-        ray.get(self.rollouts.call("weight_sync_begin"))  # wakes the engines' weights, not their KV cache
+        ray.get(self.rollouts.call("weight_sync_begin"))  # a full wake-up (weights and KV cache) of sleeping engines
         for b, idx in enumerate(self.buckets):
             handles: dict = {}
             for part in self.students.run("ipc_bucket", b, self.bucket_mb):

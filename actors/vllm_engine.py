@@ -16,12 +16,24 @@ Behaviour log-probs: vLLM's default `logprobs_mode="raw_logprobs"` is log_softma
 before temperature and top-p, which is the student's pi_old at the paper's sampling temperature 1.0 (the
 student's training forward uses the same full-vocabulary softmax). For another temperature the engine asks
 for `processed_logprobs` (after temperature and top-k/top-p), the distribution actually sampled from.
+Checked against vllm/v1/sample/sampler.py and ops/topk_topp_sampler.py: the sampled token's log-prob is always
+gathered first (`gather_logprobs` concatenates it before the top-k, so `logprobs=0` gives exactly
+{sampled id: Logprob} per position); `logprobs_mode` appeared in v0.10.0, and `processed_logprobs` has meant
+"after temperature and top-k/top-p" only since vllm-project/vllm#22387 (in v0.10.2; earlier releases returned
+pre-temperature values under that name), so a temperature other than 1.0 needs vLLM >= 0.10.2.
+
+Everything passed through `LLM.collective_rpc` is plain builtins or `bytes`: with the V1 engine core in its own
+process, arguments cross a msgpack boundary whose untyped decoder turns a torch.Tensor / numpy array into a
+bare [dtype, shape, buffer-index] list (vllm/v1/serial_utils.py, vllm/v1/engine/core.py), and functions,
+classes and dtypes (inside a CUDA IPC handle) are refused unless VLLM_ALLOW_INSECURE_SERIALIZATION=1. So
+tensors and IPC handles are pickled to bytes here and unpickled in the worker.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +42,8 @@ import torch
 from actors.rollout import Generation, RolloutEngine, SamplingParams
 
 WORKER_EXTENSION = "actors.vllm_engine.EngineWorkerExtension"
+# The object-store weight path sends pickled pairs in pieces of about this size: one msgpack `bin` holds < 4 GiB.
+_RPC_CHUNK_BYTES = 512 << 20
 
 
 def stateless_nccl_group(addr: str, port: int, rank: int, world_size: int, device):
@@ -40,7 +54,13 @@ def stateless_nccl_group(addr: str, port: int, rank: int, world_size: int, devic
     from vllm.distributed.utils import StatelessProcessGroup
 
     group = StatelessProcessGroup.create(host=addr, port=port, rank=rank, world_size=world_size)
-    return _PyNcclComm(PyNcclCommunicator(group, device=device))
+    comm = PyNcclCommunicator(group, device=device)
+    # It disables itself silently (world size 1, NCCL library not found, or VLLM_DISABLE_PYNCCL in recent
+    # releases); its broadcast would then be a no-op and the engines would keep stale weights.
+    if getattr(comm, "disabled", False) or not getattr(comm, "available", True):
+        raise RuntimeError(f"vLLM's PyNcclCommunicator came up disabled (rank {rank} of {world_size}): "
+                           "check that libnccl is found and VLLM_DISABLE_PYNCCL is not set")
+    return _PyNcclComm(comm)
 
 
 class _PyNcclComm:
@@ -49,6 +69,13 @@ class _PyNcclComm:
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         self.comm.broadcast(tensor, src=src, stream=torch.cuda.current_stream())
+
+
+def _vllm_at_least(version: str) -> bool:
+    import vllm
+    from packaging.version import Version
+
+    return Version(vllm.__version__.split("+")[0]) >= Version(version)
 
 
 def _request_seed(seed: int, i: int) -> int:
@@ -75,20 +102,30 @@ class VLLMEngine(RolloutEngine):
     def _build(self, path: str) -> None:
         from vllm import LLM
 
-        # Workers of a TP engine are processes started by vLLM; inside a Ray actor they must be spawned.
+        if self.logprobs_mode != "raw_logprobs" and not _vllm_at_least("0.10.2"):
+            import vllm
+
+            raise RuntimeError(f"rollout temperature != 1.0 needs vLLM >= 0.10.2 (logprobs_mode="
+                               f"'processed_logprobs' after temperature and top-p); installed {vllm.__version__}")
+        # Workers of a TP engine are processes started by vLLM; inside a Ray actor they must be spawned (vLLM
+        # also forces spawn itself once CUDA is initialised or it detects a Ray actor).
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        # collective_rpc arguments cross vLLM's engine-core process boundary; CUDA IPC handles are pickles,
-        # which vLLM's serializer accepts only with this set (all processes here are our own).
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         kwargs = dict(model=path, tokenizer=path, dtype=self.dtype, tensor_parallel_size=self.tp,
                       gpu_memory_utilization=self.gpu_memory_utilization, seed=self.seed,
                       trust_remote_code=self.trust_remote_code, enable_sleep_mode=self.sleep_between_calls,
                       worker_extension_cls=WORKER_EXTENSION,
-                      generation_config="vllm")  # ignore the model's generation_config.json sampling defaults
+                      # Ignore generation_config.json: its sampling defaults, and its eos_token_id list, which
+                      # vLLM would add as stop tokens; with "vllm" only the tokenizer's EOS stops a response, as
+                      # in the transformers engine.
+                      generation_config="vllm")
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
         if self.tp > 1:
-            kwargs["distributed_executor_backend"] = "mp"  # the actor holds all tp GPUs itself
+            # The actor holds all tp GPUs itself (CUDA_VISIBLE_DEVICES set by Ray), so vLLM's local
+            # multiprocessing executor places one worker per visible GPU. Left unset, ParallelConfig picks "ray"
+            # whenever it runs inside a Ray placement group (checked: vllm/config/parallel.py, v0.10-v0.2x) and
+            # would try to schedule tp more GPU workers into our placement group, whose GPUs this actor has.
+            kwargs["distributed_executor_backend"] = "mp"
         if self.logprobs_mode != "raw_logprobs":
             kwargs["logprobs_mode"] = self.logprobs_mode
         self.llm = LLM(**kwargs)
@@ -110,8 +147,13 @@ class VLLMEngine(RolloutEngine):
     def shutdown(self) -> None:
         """Free the engine's GPUs (before building another model in this process)."""
         engine = getattr(self.llm, "llm_engine", None)
-        if engine is not None and hasattr(engine, "shutdown"):
-            engine.shutdown()
+        # V1: the engine core (and its workers) run in child processes owned by `engine_core`, a client whose
+        # shutdown() terminates them; some releases also expose LLMEngine.shutdown(). Deleting the LLM runs the
+        # same finaliser, so these calls only make the release immediate.
+        for target in (engine, getattr(engine, "engine_core", None)):
+            if target is not None and callable(getattr(target, "shutdown", None)):
+                target.shutdown()
+                break
         del self.llm
         gc.collect()
         torch.cuda.empty_cache()
@@ -159,10 +201,19 @@ class VLLMEngine(RolloutEngine):
 
     def load_weights(self, state: dict[str, np.ndarray]) -> None:
         """The object-store path (CPU arrays, pickled to every worker): kept for compatibility; on GPU the
-        NCCL / CUDA IPC sync in actors/nccl_sync.py is the fast path."""
+        NCCL / CUDA IPC sync in actors/nccl_sync.py is the fast path. Sent as pickled bytes in pieces of
+        about _RPC_CHUNK_BYTES (see the module doc: tensors do not survive collective_rpc's msgpack)."""
         self.weight_sync_begin()
-        pairs = [(k, torch.from_numpy(np.array(v))) for k, v in state.items()]
-        self.llm.collective_rpc("eopd_load_pairs", args=(pairs,))
+        piece, size = [], 0
+        for name, value in state.items():
+            array = np.ascontiguousarray(value)
+            piece.append((name, array))
+            size += array.nbytes
+            if size >= _RPC_CHUNK_BYTES:
+                self.llm.collective_rpc("eopd_load_pairs", args=(pickle.dumps(piece, protocol=5),))
+                piece, size = [], 0
+        if piece:
+            self.llm.collective_rpc("eopd_load_pairs", args=(pickle.dumps(piece, protocol=5),))
         self.weight_sync_end()
 
     def load_model(self, path: str) -> None:
@@ -175,7 +226,7 @@ class VLLMEngine(RolloutEngine):
             self._build(path)
             return
         self.weight_sync_begin()
-        self.llm.collective_rpc("eopd_load_from_path", args=(path,))
+        self.llm.collective_rpc("eopd_load_from_path", args=(str(path),))
         self.model_path = path
         self.weight_sync_end()
 
@@ -186,7 +237,15 @@ class VLLMEngine(RolloutEngine):
         self.wake_up()
 
     def weight_sync_end(self) -> None:
-        pass
+        self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        # Prefix caching is on by default in V1: blocks cached for a prompt under the old weights would be
+        # reused for the same prompt (the k samples of a problem, the next epoch, score_tokens) after the
+        # update. LLM.sleep() resets the cache itself in recent releases, but the disaggregated engines never
+        # sleep, so reset it here after every weight change (LLM.reset_prefix_cache exists since v0.6).
+        if self.llm.reset_prefix_cache() is False:  # a bool in v0.10+, None in some engine clients
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update (requests running?)")
 
     def init_weight_group(self, addr: str, port: int, rank_offset: int, world_size: int) -> None:
         self.llm.collective_rpc("eopd_init_weight_group", args=(addr, port, rank_offset, world_size))
@@ -195,20 +254,37 @@ class VLLMEngine(RolloutEngine):
         from actors.nccl_sync import metas_to_wire
 
         self.llm.collective_rpc("eopd_receive_buckets", args=(metas_to_wire(metas), bucket_bytes))
+        self._weights_changed()  # also here: callers (and tests) may generate without weight_sync_end
 
     def receive_ipc_bucket(self, metas: list, handles: dict) -> None:
+        """handles: {GPU uuid: torch.multiprocessing.reductions.reduce_tensor(...)}; pickled to bytes here,
+        since a handle holds a function, classes and a dtype that collective_rpc's msgpack refuses."""
         from actors.nccl_sync import metas_to_wire
 
-        self.llm.collective_rpc("eopd_receive_ipc", args=(metas_to_wire(metas), handles))
+        self.llm.collective_rpc("eopd_receive_ipc", args=(metas_to_wire(metas), pickle.dumps(handles)))
+        self._weights_changed()  # a hash-table clear: cheap enough per bucket
 
 
 class EngineWorkerExtension:
-    """Methods vLLM adds to each of its GPU workers (`worker_extension_cls`); `self` is the vLLM worker, with
-    `self.device` and `self.model_runner.model` (whose `load_weights` takes (HF name, full tensor) pairs and
-    shards them for tensor parallelism itself). Called through `LLM.collective_rpc` on every worker."""
+    """Methods vLLM adds to each of its GPU workers (`worker_extension_cls`: vLLM appends this class to the
+    worker class's bases and asserts that no name clashes, vllm/v1/worker/worker_base.py); `self` is the vLLM
+    worker, with `self.device` (cuda:local_rank, set in init_device) and the model (whose `load_weights` takes
+    (HF name, full tensor) pairs and shards them for tensor parallelism itself). Called through
+    `LLM.collective_rpc` on every worker."""
+
+    def _eopd_model(self):
+        # Worker.get_model() returns the model unwrapped from the CUDA-graph wrapper that recent V1 runners put
+        # around `model_runner.model`; older workers only have the attribute (vllm/v1/worker/gpu_worker.py).
+        get_model = getattr(self, "get_model", None)
+        if callable(get_model):
+            try:
+                return get_model()
+            except NotImplementedError:
+                pass
+        return self.model_runner.model
 
     def _eopd_load(self, pairs) -> None:
-        self.model_runner.model.load_weights(weights=pairs)
+        self._eopd_model().load_weights(weights=pairs)
 
     def eopd_init_weight_group(self, addr: str, port: int, rank_offset: int, world_size: int) -> None:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -222,9 +298,10 @@ class EngineWorkerExtension:
         receive_buckets(self._eopd_comm, metas_from_wire(metas), bucket_bytes, self.device, self._eopd_load)
         torch.cuda.synchronize()
 
-    def eopd_receive_ipc(self, metas: list, handles: dict) -> None:
+    def eopd_receive_ipc(self, metas: list, handles: bytes) -> None:
         from actors.nccl_sync import device_uuid, metas_from_wire, open_ipc_handle, unflatten
 
+        handles = pickle.loads(handles)  # bytes from VLLMEngine.receive_ipc_bucket
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         uuid = device_uuid(index)
         if uuid not in handles:
@@ -235,8 +312,8 @@ class EngineWorkerExtension:
         torch.cuda.synchronize()  # the sender frees its bucket after this call returns
         del flat
 
-    def eopd_load_pairs(self, pairs) -> None:
-        self._eopd_load([(n, t.to(self.device)) for n, t in pairs])
+    def eopd_load_pairs(self, pairs: bytes) -> None:
+        self._eopd_load([(n, torch.from_numpy(a).to(self.device)) for n, a in pickle.loads(pairs)])
 
     def eopd_load_from_path(self, path: str) -> None:
         from safetensors import safe_open
