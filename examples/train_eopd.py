@@ -136,18 +136,8 @@ def evaluate(cfg, actors, models, eval_recs, model_path: str | None, seed: int) 
                                        [r.answer for r in eval_recs], cfg.eval.k, params,
                                        cfg.eval.high_entropy_threshold, model_path)
         except ACTOR_DIED:
-            lost = actors.rollouts.drop_dead()
-            if not lost:
-                raise
-            tqdm.write(f"[elastic] {lost} rollout worker(s) left during evaluation; "
-                       f"{len(actors.rollouts)} still working")
-            joined = actors.rollouts.grow(cfg.rollout.num_workers, 600.0 if not actors.rollouts.actors else 0.0)
-            if joined:
-                if not actors.on_policy:  # new KD workers start with the teacher: give them the student
-                    ray.get([a.load_model.remote(models.student_path) for a in joined])
-                actors.sync.sync()  # the trained weights (a later model_path evaluation loads its own)
-                tqdm.write(f"[elastic] {len(joined)} rollout worker(s) joined; {len(actors.rollouts)} working")
-            if not actors.rollouts.actors:
+            if not recover_rollout_workers(cfg, actors, "during evaluation",
+                                           None if actors.on_policy else models.student_path):
                 raise
 
 
@@ -195,15 +185,30 @@ def restore_driver_state(ckpt: Path | None, sampler) -> int:
     return int(state["step"])
 
 
-def admit_rollout_workers(cfg, actors: Actors, wait_s: float = 0.0) -> int:
+def admit_rollout_workers(cfg, actors: Actors, wait_s: float = 0.0, student_path: str | None = None) -> int:
     """Bring the rollout group back to rollout.num_workers when the cluster can place workers again (an
-    elastic cluster scaling up); new workers get the current student weights. Returns how many joined."""
+    elastic cluster scaling up); new workers get the current student weights (after loading `student_path`
+    when they start with another model: off-policy KD's workers hold the teacher until the evaluation).
+    Returns how many joined."""
     joined = actors.rollouts.grow(cfg.rollout.num_workers, wait_s)
     if joined:
-        if actors.on_policy:
+        if student_path:
+            ray.get([a.load_model.remote(student_path) for a in joined])
+        if actors.on_policy or student_path:
             actors.sync.sync()
         tqdm.write(f"[elastic] {len(joined)} rollout worker(s) joined; {len(actors.rollouts)} working")
     return len(joined)
+
+
+def recover_rollout_workers(cfg, actors: Actors, where: str, student_path: str | None = None) -> bool:
+    """After an actor error: drop the rollout workers that died and admit replacements (waiting for one when
+    none is left). False when no rollout worker died (the error is another actor's) or none is working."""
+    lost = actors.rollouts.drop_dead()
+    if not lost:
+        return False
+    tqdm.write(f"[elastic] {lost} rollout worker(s) left {where}; {len(actors.rollouts)} still working")
+    admit_rollout_workers(cfg, actors, 600.0 if not actors.rollouts.actors else 0.0, student_path)
+    return bool(actors.rollouts.actors)
 
 
 def rollout_phase(cfg, actors: Actors, step: int, prompts: list) -> tuple[list, list[dict]]:
@@ -222,14 +227,7 @@ def rollout_phase(cfg, actors: Actors, step: int, prompts: list) -> tuple[list, 
         try:
             return [r[0] for r in roll], ray.get([r[1] for r in roll])
         except ACTOR_DIED:
-            lost = actors.rollouts.drop_dead()
-            if not lost:
-                raise
-            tqdm.write(f"[elastic] {lost} rollout worker(s) left at step {step + 1}; "
-                       f"{len(actors.rollouts)} still working")
-            # With no worker left, wait for a replacement; otherwise take whoever is ready now.
-            admit_rollout_workers(cfg, actors, wait_s=600.0 if not actors.rollouts.actors else 0.0)
-            if not actors.rollouts.actors:
+            if not recover_rollout_workers(cfg, actors, f"at step {step + 1}"):
                 raise
 
 
