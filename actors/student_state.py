@@ -139,7 +139,7 @@ def load_state(engine, zero_stage: int, in_dir: str | Path, pad_id: int) -> dict
             if hasattr(param, "ds_id"):
                 _set_zero3_partition(param, value, key)
             elif _managed(param):
-                value = value.to(_device_of(param))
+                value = value.to(param.device)  # ZeRO 1/2: full local parameter, never on meta
                 if key is None:
                     safe_set_full_fp32_param(param, value)
                 else:
@@ -170,7 +170,3 @@ def _set_zero3_partition(param, value: torch.Tensor, key: str | None) -> None:
     start = part.numel() * zopt._get_param_partition_rank(param)
     n = max(0, min(part.numel(), flat.numel() - start))
     part.data[:n].copy_(flat[start:start + n])
-
-
-def _device_of(param) -> torch.device:
-    return param.device if param.device.type != "meta" else torch.device("cpu")

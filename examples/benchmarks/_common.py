@@ -420,6 +420,14 @@ def set_threads(args) -> int:
     return n
 
 
+def repetitions(args, large_full: int) -> tuple[int, int]:
+    """(reps for the tiny models, reps for the large-vocabulary config): --reps if given, else 2 with --quick,
+    else 15 (the tiny models' calls take a tenth of a second) and `large_full`."""
+    if args.reps:
+        return args.reps, args.reps
+    return (2, 2) if args.quick else (15, large_full)
+
+
 def init_local_ray():
     """Local Ray on 127.0.0.1 through the project's own `init_ray` (no dashboard, loopback only)."""
     import ray

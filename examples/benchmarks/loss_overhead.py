@@ -212,8 +212,7 @@ def main(argv=None) -> int:
     threads = C.set_threads(args)
     report = C.Report("loss_overhead")
     q = args.quick
-    reps = args.reps or (2 if q else 15)  # the small model's calls take a tenth of a second
-    large_reps = args.reps or (2 if q else 4)
+    reps, large_reps = C.repetitions(args, large_full=4)
     _, student = C.tiny_pair(args.teacher, args.student)
     large = C.large_spec(args)
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else ([256] if q else [1024, 2048, 4096])

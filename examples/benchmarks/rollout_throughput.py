@@ -89,8 +89,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     threads = C.set_threads(args)
     q = args.quick
-    reps = args.reps or (2 if q else 15)  # the small model's calls take a tenth of a second
-    large_reps = args.reps or (2 if q else 5)
+    reps, large_reps = C.repetitions(args, large_full=5)
     _, student = C.tiny_pair(args.teacher, args.student)
     report = C.Report("rollout_throughput")
 

@@ -135,8 +135,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     threads = C.set_threads(args)
     q = args.quick
-    reps = args.reps or (2 if q else 15)  # the small model's calls take a tenth of a second
-    large_reps = args.reps or (2 if q else 5)
+    reps, large_reps = C.repetitions(args, large_full=5)
     teacher, _ = C.tiny_pair(args.teacher, args.student)
     report = C.Report("teacher_scoring")
     cfg = {"reps": reps, "large_reps": large_reps, "threads": threads, "teacher": teacher, "top_k": K}
