@@ -68,6 +68,9 @@ class TransformersEngine(RolloutEngine):
 
     def load_model(self, path: str) -> None:
         self.model = load_causal_lm(path, self.dtype, self.trust_remote_code).eval()
+        rows = self.model.get_output_embeddings().weight.shape[0]
+        # Padded output rows are no tokens: never sample them (log-probs are over the real ids only).
+        self.suppress = list(range(self.vocab_size, rows)) or None
 
     def load_weights(self, state: dict[str, np.ndarray]) -> None:
         with warnings.catch_warnings():
@@ -102,11 +105,12 @@ class TransformersEngine(RolloutEngine):
         res = self.model.generate(
             input_ids=ids, attention_mask=attn, do_sample=True, temperature=params.temperature,
             top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens, output_logits=True,
-            return_dict_in_generate=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            return_dict_in_generate=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            suppress_tokens=self.suppress)
         new_BT = res.sequences[:, width:]
         logits_BTV = torch.stack(res.logits, dim=1)[..., :self.vocab_size].float() / params.temperature
         logp_BTV = torch.log_softmax(logits_BTV, dim=-1)
-        logprobs_BT = logp_BTV.gather(-1, new_BT[..., None].clamp(max=self.vocab_size - 1)).squeeze(-1)
+        logprobs_BT = logp_BTV.gather(-1, new_BT[..., None]).squeeze(-1)
         entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
         out = Generation([], [], [])
         for i in range(new_BT.shape[0]):

@@ -1,8 +1,9 @@
 """The frozen teacher: per-token statistics of every sampled response position, as compact Arrow.
 
 For each response token it returns log pi_te(x_t | c_t), the full-vocabulary entropy H_t and the top-k ids
-and log-probs. The hidden states of the response positions are projected through the lm_head chunk by
-chunk (`token_stats_from_hidden`), so neither the [B, T, V] logits nor their float32 log-probabilities
+and log-probs. The hidden states of the response positions are projected through the model's own output head
+(`eopd_ray.models.output_head`: any family's soft-capping or logit scaling included) chunk by chunk
+(`token_stats_from_hidden`), so neither the [B, T, V] logits nor their float32 log-probabilities
 ever exist at once. On a GPU (`device="auto"` picks CUDA when there is one) the model runs in the configured
 dtype (bf16 at paper scale), the statistics are computed chunk by chunk on the GPU, and each scored batch
 crosses to the host once as four compact tensors (8k + 8 bytes per position).
@@ -24,7 +25,7 @@ import torch
 from actors.faults import maybe_fail
 from eopd_ray.batch import list_rows, make_teacher_table, sequence_batch
 from eopd_ray.losses import token_stats_from_hidden
-from eopd_ray.models import load_causal_lm, set_threads
+from eopd_ray.models import check_output_head, load_causal_lm, output_head, set_threads
 
 
 class TeacherScorer:
@@ -38,6 +39,10 @@ class TeacherScorer:
         self.model = load_causal_lm(model_path, dtype, trust_remote_code).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # The model's own head (soft-capping, logit scales and biases included), proven on a probe now
+        # rather than discovered as wrong statistics later.
+        self.head = output_head(self.model)
+        check_output_head(self.model, self.head, self.device, vocab_size)
         self.top_k, self.vocab_size, self.pad_id = top_k, vocab_size, pad_id
         self.chunk_size, self.max_batch = chunk_size, max_batch
 
@@ -73,8 +78,7 @@ class TeacherScorer:
                    + torch.arange(len(prompts), device=dev)[:, None] * hidden_BLH.shape[1])[mask_BT]
         hidden_NH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])[index_N]
         del hidden_BLH  # (B, L, H) of the prompts too: free it before the V-wide chunks
-        weight_VH = self.model.get_output_embeddings().weight
-        stats = token_stats_from_hidden(hidden_NH, weight_VH, batch.response_BT.to(dev)[mask_BT], self.top_k,
+        stats = token_stats_from_hidden(hidden_NH, self.head, batch.response_BT.to(dev)[mask_BT], self.top_k,
                                         chunk_size=self.chunk_size, vocab_size=self.vocab_size)
         stats = stats.to("cpu")  # one device-to-host copy of the compact (N,), (N,), (N, k), (N, k) tensors
         start = 0

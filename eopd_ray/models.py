@@ -51,3 +51,58 @@ def architecture_mismatch(checkpoint_dir: str, model_path: str, trust_remote_cod
     a = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=trust_remote_code).to_dict()
     b = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).to_dict()
     return [f"{k}: checkpoint {a.get(k)!r} vs model {b.get(k)!r}" for k in ARCH_FIELDS if a.get(k) != b.get(k)]
+
+
+class _HiddenOnly:
+    """Stands in for a decoder's output: the given hidden states, None for anything else a model reads
+    (past key values, router logits, cross-attentions ...)."""
+
+    def __init__(self, hidden_1NH: torch.Tensor):
+        self.last_hidden_state = hidden_1NH
+
+    def __getitem__(self, i):
+        if i == 0:
+            return self.last_hidden_state
+        raise IndexError(i)
+
+    def __getattr__(self, name):
+        return None
+
+
+def output_head(model):
+    """A function (n, H) final hidden states -> (n, V_padded) logits, exactly as `model(...).logits` makes them.
+
+    Many families change the logits after the lm_head matmul (Gemma 2/3 soft-capping, Cohere's logit_scale,
+    Granite's logits_scaling, biases); re-implementing each would miss the next. Instead the model's own
+    forward runs with its decoder (`get_decoder()`) answering with the given hidden states, so whatever the
+    model does after the decoder is applied. `check_output_head` proves it for a loaded model.
+    """
+    decoder = model.get_decoder()
+
+    def head(hidden_NH: torch.Tensor) -> torch.Tensor:
+        decoder.forward = lambda *args, **kwargs: _HiddenOnly(hidden_NH[None])
+        try:
+            dummy_1N = torch.zeros(1, hidden_NH.shape[0], dtype=torch.long, device=hidden_NH.device)
+            return model(input_ids=dummy_1N, use_cache=False).logits[0]
+        finally:
+            del decoder.forward  # the instance attribute shadowed the class's forward
+
+    return head
+
+
+def check_output_head(model, head, device, vocab_rows: int) -> None:
+    """Raise if `head(decoder hidden states)` does not reproduce the model's logits on a short probe, which
+    happens when a model's forward does not call the module `get_decoder()` returns (some multimodal
+    wrappers). The two sides run the same operations in the same dtype, so they agree to rounding."""
+    probe_1L = (torch.arange(7, device=device) * 5 + 3)[None] % max(vocab_rows, 1)
+    with torch.no_grad():
+        full_LV = model(input_ids=probe_1L, use_cache=False).logits[0].float()
+        hidden_LH = model.get_decoder()(input_ids=probe_1L).last_hidden_state[0]
+        via_head_LV = head(hidden_LH).float()
+    scale = 1.0 + full_LV.abs().max().item()
+    tol = 1e-4 if hidden_LH.dtype == torch.float32 else 2e-2  # bf16: kernels may differ by a few ulps
+    if via_head_LV.shape != full_LV.shape or (via_head_LV - full_LV).abs().max().item() > tol * scale:
+        raise ValueError(
+            f"model type {model.config.model_type!r}: computing logits from the decoder's hidden states does not "
+            "reproduce the model's own logits, so the teacher's per-token statistics would be wrong. Its forward "
+            "does not go through `get_decoder()`; use a text-only causal LM checkpoint of this family.")
