@@ -42,6 +42,20 @@ class Generation:
     entropy: list[np.ndarray]
 
 
+def cut_at_padded_ids(gen: Generation, vocab_size: int) -> tuple[Generation, int]:
+    """End each response before its first id >= vocab_size; returns (generation, number of responses cut).
+
+    Such ids are padded output rows, not tokens (Qwen: 151,669 tokens, 151,936 rows). vLLM samples over every
+    row and, once a policy drifts, does emit them (vllm-project/vllm#13175, verl-project/verl#1398); the
+    teacher and the student score only real ids, so a padded id would index past their vocabulary. The kept
+    prefix and its behaviour log-probs are unchanged; the response just has no EOS, like one cut by length."""
+    ends = [int(np.argmax(ids >= vocab_size)) if (ids >= vocab_size).any() else len(ids) for ids in gen.response_ids]
+    cut = sum(n < len(ids) for n, ids in zip(ends, gen.response_ids))
+    if not cut:
+        return gen, 0
+    return Generation(*([x[:n] for x, n in zip(xs, ends)] for xs in (gen.response_ids, gen.logprobs, gen.entropy))), cut
+
+
 class RolloutEngine(ABC):
     @abstractmethod
     def generate(self, prompt_ids: list[np.ndarray], params: SamplingParams) -> Generation: ...
@@ -110,7 +124,8 @@ class TransformersEngine(RolloutEngine):
         new_BT = res.sequences[:, width:]
         logits_BTV = torch.stack(res.logits, dim=1)[..., :self.vocab_size].float() / params.temperature
         logp_BTV = torch.log_softmax(logits_BTV, dim=-1)
-        logprobs_BT = logp_BTV.gather(-1, new_BT[..., None]).squeeze(-1)
+        # clamp: a padded id (only with `suppress` off) gets a placeholder; the worker cuts the response there
+        logprobs_BT = logp_BTV.gather(-1, new_BT[..., None].clamp(max=self.vocab_size - 1)).squeeze(-1)
         entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
         out = Generation([], [], [])
         for i in range(new_BT.shape[0]):
@@ -152,6 +167,7 @@ class RolloutWorker:
         else:
             raise ValueError(f"rollout.engine={engine!r} is invalid: allowed transformers or vllm")
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.vocab_size = vocab_size or len(self.tokenizer)
 
     def ping(self) -> bool:
         return True
@@ -163,7 +179,7 @@ class RolloutWorker:
         t0 = time.perf_counter()
         if n > 1:
             sample_ids, prompt_ids, answers = ([x for x in xs for _ in range(n)] for xs in (sample_ids, prompt_ids, answers))
-        gen = self.engine.generate(list(prompt_ids), params)
+        gen, cut = cut_at_padded_ids(self.engine.generate(list(prompt_ids), params), self.vocab_size)
         texts = self.tokenizer.batch_decode([r.tolist() for r in gen.response_ids], skip_special_tokens=True)
         correct = [grade_response(t, a) for t, a in zip(texts, answers)]
         table = make_rollout_table(sample_ids, prompt_ids, gen.response_ids, gen.logprobs, gen.entropy, correct)
@@ -175,6 +191,8 @@ class RolloutWorker:
             # NaN, not 0.0, when the engine gives no entropy (vLLM): nan-aware, over finite entropies only
             "rollout/entropy": _mean_entropy(gen.entropy),
             "rollout/high_entropy_fraction": high_entropy_fraction(gen.entropy, 1.0),
+            # share of responses ended before an id beyond the tokenizer (vLLM on padded vocabularies)
+            "rollout/cut_at_padded_id": cut / len(lengths) if lengths else 0.0,
             "time/generate": time.perf_counter() - t0,
         }
         return table, stats
@@ -187,7 +205,7 @@ class RolloutWorker:
         if model_path:
             self.engine.load_model(model_path)
         repeated = [p for p in prompt_ids for _ in range(k)]
-        gen = self.engine.generate(repeated, params)
+        gen, _ = cut_at_padded_ids(self.engine.generate(repeated, params), self.vocab_size)
         texts = self.tokenizer.batch_decode([r.tolist() for r in gen.response_ids], skip_special_tokens=True)
         correct = np.array([grade_response(t, a) for t, a in zip(texts, [a for a in answers for _ in range(k)])])
         ent, generated = finite_entropies(gen.entropy)  # NaN entropies (vLLM) are not counted

@@ -118,3 +118,53 @@ def test_student_of_another_family_trains_on_teacher_statistics(family_dirs, fam
     assert np.isfinite(metrics["loss/total"])
     moved = [n for n, p in tr.engine.module.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert len(moved) == len(before)
+
+
+def test_padded_ids_from_an_engine_end_the_response_before_them(family_dirs):
+    """vLLM samples over the padded rows too. An engine that does so (the transformers engine with its
+    suppression switched off, on a random model whose padded rows carry real mass) gives responses that
+    the worker ends before their first padded id, keeping the prefix's ids and log-probs as they were."""
+    from actors.rollout import cut_at_padded_ids
+
+    tok = load_tokenizer(family_dirs["llama"])
+    worker = RolloutWorker(family_dirs["llama"], vocab_size=len(tok), num_threads=1)
+    worker.engine.suppress = None
+    prompts = [np.array([5 + i % 30, 9, 7]) for i in range(12)]
+    params = SamplingParams(1.0, 1.0, 16, seed=5)
+    raw = worker.engine.generate(prompts, params)
+    assert any((r >= len(tok)).any() for r in raw.response_ids)  # the situation exists
+    table, stats = worker.rollout(list(range(12)), prompts, ["1"] * 12, params)
+    expected, cut = cut_at_padded_ids(raw, len(tok))
+    assert cut > 0 and stats["rollout/cut_at_padded_id"] == cut / 12
+    for ids, lp, want_ids, want_lp in zip(list_rows(table.column("response_ids")), list_rows(table.column("logprobs")),
+                                          expected.response_ids, expected.logprobs):
+        assert (ids < len(tok)).all()
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(lp, want_lp)
+    first = next(i for i, r in enumerate(raw.response_ids) if (r >= len(tok)).any())
+    n = int(np.flatnonzero(raw.response_ids[first] >= len(tok))[0])
+    assert len(expected.response_ids[first]) == n
+
+
+@pytest.mark.e2e
+def test_job_distils_a_gemma2_teacher_into_a_llama_student_through_ray(tmp_path):
+    """The main job with both families swapped and different padded vocabularies (teacher 55 + 5 rows,
+    student 55 + 3): every metric finite, and the checkpoint is the student's family with its own rows."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_e2e_ray import run_job
+
+    teacher = build_family_model(tmp_path / "gemma2", "gemma2", extra_rows=5, seed=1)
+    student = build_family_model(tmp_path / "llama", "llama", extra_rows=3, seed=2)
+    out = tmp_path / "run"
+    run_job(out, (teacher, student), "trainer.max_steps=2", "eval.enabled=false")
+    results = json.loads((out / "results.json").read_text())
+    assert results["train"]["steps_done"] == 2
+    for row in results["train"]["metrics"]:
+        for key in ("loss/total", "loss/fkl", "teacher/entropy", "student/entropy", "rollout/cut_at_padded_id"):
+            assert np.isfinite(row[key]), key
+    ckpt = sorted((out / "checkpoints").glob("step_*"))[-1] / "hf"
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model.config.model_type == "llama" and model.get_output_embeddings().weight.shape[0] == 58
