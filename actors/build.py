@@ -168,9 +168,11 @@ def build_students(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
 
 
 def build_weight_sync(cfg: RunConfig, students: ActorGroup, rollouts: ActorGroup) -> WeightSync:
-    """Object store on CPU (and for the transformers engine); NCCL broadcast to vLLM engines on their own GPUs;
-    CUDA IPC to vLLM engines that share their GPU with a student rank."""
-    if cfg.rollout.engine != "vllm":
+    """`placement.weight_sync`: the object store (auto for the transformers engine); the bucketed broadcast
+    over a dedicated group (auto for vLLM engines on their own GPUs: NCCL; on CPU: gloo); CUDA IPC (auto for
+    vLLM engines that share their GPU with a student rank)."""
+    sync = cfg.placement.weight_sync
+    if sync == "object_store" or (sync == "auto" and cfg.rollout.engine != "vllm"):
         return ObjectStoreWeightSync(students, rollouts)
     from actors.nccl_sync import IpcWeightSync, NcclWeightSync
 

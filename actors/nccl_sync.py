@@ -146,6 +146,34 @@ class TorchComm:
         torch.distributed.broadcast(tensor, src, group=self.group)
 
 
+class GlooComm:
+    """A process group of its own over TCP (gloo), outside torch.distributed's default group: the CPU
+    counterpart of vLLM's StatelessProcessGroup + PyNcclCommunicator, so the bucketed broadcast of the
+    disaggregated sync runs (and is tested) on machines without GPUs. Rank 0 hosts the rendezvous store."""
+
+    def __init__(self, addr: str, port: int, rank: int, world_size: int, timeout_s: float = 600.0):
+        import datetime
+
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(addr, port, world_size, is_master=(rank == 0), timeout=timeout)
+        self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        self.group.broadcast(tensor, src).wait()
+
+
+def weight_group(addr: str, port: int, rank: int, world_size: int, device: torch.device):
+    """The dedicated weight-sync group: NCCL through vLLM's communicator on GPUs (the engines use it too),
+    gloo on CPU."""
+    if device.type == "cuda":
+        from actors.vllm_engine import stateless_nccl_group
+
+        return stateless_nccl_group(addr, port, rank, world_size, device.index)
+    return GlooComm(addr, port, rank, world_size)
+
+
 # ---- CUDA IPC (colocated: the sender and the receiver hold the same GPU) -------------------------------
 
 
@@ -188,25 +216,39 @@ class StudentWeightSender:
     def weight_metas(self) -> list[ParamMeta]:
         return param_metas(self.engine.module, self.dtype)
 
-    def init_weight_group(self, addr: str, port: int, world_size: int) -> bool:
-        """Rank 0 joins the dedicated NCCL group as its rank 0; the other ranks have nothing to do."""
-        if self.rank == 0:
-            from actors.vllm_engine import stateless_nccl_group  # vLLM's communicator: the engines use it too
+    def _sync_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-            self._weight_comm = stateless_nccl_group(addr, port, 0, world_size, torch.cuda.current_device())
+    def init_weight_group(self, addr: str, port: int, world_size: int) -> bool:
+        """Rank 0 joins the dedicated group as its rank 0; the other ranks have nothing to do."""
+        if self.rank == 0:
+            self._weight_comm = weight_group(addr, port, 0, world_size, self._sync_device())
         return True
 
     def broadcast_weights(self, bucket_mb: int) -> float:
         """Every rank calls this (ZeRO-3 gathers are collective); rank 0 broadcasts each bucket. Seconds."""
         t0 = time.perf_counter()
         metas = self.weight_metas()
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = self._sync_device()
         for _, flat in iter_student_buckets(self.engine.module, metas, bucket_mb * MIB, self.trainer.zero_stage,
                                             self.rank, device):
             if flat is not None:
                 self._weight_comm.broadcast(flat, 0)
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+    def sync_check_logprobs(self, prompt_ids, response_ids) -> list | None:
+        """The student's side of the post-sync check: teacher-forced log-probs of the given rows, from rank 0.
+        Every rank runs the forward (under ZeRO-3 the parameters are gathered collectively)."""
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            out = [teacher_forced_logprobs(module, p, r, self.vocab_size) for p, r in zip(prompt_ids, response_ids)]
+        finally:
+            module.train(was_training)
+        return out if self.rank == 0 else None
 
     def ipc_bucket(self, index: int, bucket_mb: int) -> dict:
         """Colocated: build bucket `index` on this rank's GPU and return {GPU uuid: handle}. Under ZeRO-3 every
@@ -234,7 +276,8 @@ class StudentWeightSender:
 
 
 class RolloutWeightReceiver:
-    """Receiving side, mixed into RolloutActor: forwards to the engine (`self.engine`, a VLLMEngine)."""
+    """Receiving side, mixed into RolloutActor: forwards to the engine (`self.engine`: a VLLMEngine, or the
+    transformers engine on CPU, which receives over gloo)."""
 
     def init_weight_group(self, addr: str, port: int, rank_offset: int, world_size: int) -> bool:
         self.engine.init_weight_group(addr, port, rank_offset, world_size)
@@ -442,6 +485,12 @@ def teacher_forced_logprobs(model: torch.nn.Module, prompt_ids, response_ids, vo
 # bf16 weights give per-token log-prob differences of a few 1e-2 between two implementations (different
 # kernels and reduction orders); a stale or wrong weight moves them by far more.
 SYNC_MAX_ABS, SYNC_MEAN_ABS = 0.3, 0.05
+# float32 on both sides: only summation order differs (batch shapes, ZeRO gathers), ~1e-6 per token.
+SYNC_MAX_ABS_FP32, SYNC_MEAN_ABS_FP32 = 1e-3, 1e-4
+
+
+class SyncCheckError(AssertionError):
+    """The engine's log-probs after a weight sync are not the student's: the engines hold other weights."""
 
 
 def check_synced_logprobs(engine_logprobs: list, student_logprobs: list, max_abs: float = SYNC_MAX_ABS,
@@ -455,6 +504,6 @@ def check_synced_logprobs(engine_logprobs: list, student_logprobs: list, max_abs
     stats = {"max_abs": float(flat.max()), "mean_abs": float(flat.mean())}
     if stats["max_abs"] > max_abs or stats["mean_abs"] > mean_abs:
         row = int(np.argmax([d.max() for d in diffs]))
-        raise AssertionError(f"engine and student log-probs differ after the weight sync: {stats} (allowed "
+        raise SyncCheckError(f"engine and student log-probs differ after the weight sync: {stats} (allowed "
                              f"max {max_abs}, mean {mean_abs}); worst in row {row} at position {int(diffs[row].argmax())}")
     return stats

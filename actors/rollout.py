@@ -95,6 +95,38 @@ class TransformersEngine(RolloutEngine):
         if unexpected or [m for m in missing if not _is_tied(self.model, m)]:
             raise RuntimeError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+    # -- the disaggregated sync's receiving side on CPU (actors/nccl_sync.py: gloo instead of NCCL) --------
+    def init_weight_group(self, addr: str, port: int, rank_offset: int, world_size: int) -> None:
+        from actors.nccl_sync import GlooComm
+
+        self.weight_comm = GlooComm(addr, port, rank_offset, world_size)
+
+    def receive_weights(self, metas: list, bucket_bytes: int) -> None:
+        from actors.nccl_sync import receive_buckets
+
+        params = dict(self.model.named_parameters())  # tied weights appear once, as the sender sends them
+
+        def load(pairs):
+            for name, tensor in pairs:
+                if name not in params:
+                    raise RuntimeError(f"weight sync: the engine's model has no parameter {name!r}")
+                params[name].data.copy_(tensor)
+
+        with torch.no_grad():
+            receive_buckets(self.weight_comm, metas, bucket_bytes, torch.device("cpu"), load)
+
+    def weight_sync_begin(self) -> None:
+        pass
+
+    def weight_sync_end(self) -> None:
+        pass
+
+    def score_tokens(self, prompt_ids: list[np.ndarray], response_ids: list[np.ndarray]) -> list[np.ndarray]:
+        """Teacher-forced log p(response_t | prompt, response_<t) over the real vocabulary, (T_i,) per row."""
+        from actors.nccl_sync import teacher_forced_logprobs
+
+        return [teacher_forced_logprobs(self.model, p, r, self.vocab_size) for p, r in zip(prompt_ids, response_ids)]
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[np.ndarray], params: SamplingParams) -> Generation:
         out = Generation([], [], [])

@@ -20,6 +20,7 @@ FKL_NORMALIZERS = ("all_tokens", "gated_tokens")
 # `cpu`: no GPU is requested (today's CPU pipeline); `colocated`: every role shares every GPU (vLLM sleeps
 # while the student trains); `disaggregated`: separate GPU pools for rollout, teacher and student.
 PLACEMENT_MODES = ("cpu", "colocated", "disaggregated")
+WEIGHT_SYNCS = ("auto", "object_store", "broadcast")
 
 
 class ConfigError(ValueError):
@@ -267,6 +268,10 @@ class PlacementConfig:
     num_nodes: int = 1  # nodes of the Ray cluster the run may use
     gpus_per_node: int = 0  # GPUs on each node; must be 0 in `cpu` mode and >= 1 otherwise
     sync_bucket_mb: int = 512  # weight sync (NCCL / CUDA IPC): parameters are sent in buckets of this many MiB
+    # auto: object store for the transformers engine, NCCL broadcast (disaggregated) or CUDA IPC (colocated)
+    # for vLLM; broadcast: the disaggregated bucketed broadcast also on CPU (gloo; the transformers engine)
+    weight_sync: str = "auto"
+    check_sync: bool = True  # after the first weight sync of a run, compare engine and student log-probs
 
     def validate(self, prefix: str = "placement") -> None:
         if self.mode not in PLACEMENT_MODES:
@@ -274,6 +279,8 @@ class PlacementConfig:
         _check_range(f"{prefix}.num_nodes", self.num_nodes, lo=1, integer=True)
         _check_range(f"{prefix}.gpus_per_node", self.gpus_per_node, lo=0, integer=True)
         _check_range(f"{prefix}.sync_bucket_mb", self.sync_bucket_mb, lo=1, integer=True)
+        if self.weight_sync not in WEIGHT_SYNCS:
+            _fail(f"{prefix}.weight_sync", self.weight_sync, "one of " + ", ".join(WEIGHT_SYNCS))
         if self.mode == "cpu" and self.gpus_per_node:
             _fail(f"{prefix}.gpus_per_node", self.gpus_per_node, "0 with placement.mode=cpu",
                   "set placement.mode=colocated or disaggregated to use GPUs, or gpus_per_node=0")
@@ -334,6 +341,13 @@ class RunConfig:
         if self.rollout.tensor_parallel_size > 1 and self.rollout.engine != "vllm":
             _fail("rollout.tensor_parallel_size", self.rollout.tensor_parallel_size,
                   "1 with rollout.engine=transformers", "set rollout.engine=vllm for tensor parallelism")
+        sync = self.placement.weight_sync
+        if sync == "broadcast" and self.rollout.engine == "transformers" and mode != "cpu":
+            _fail("placement.weight_sync", sync, "auto or object_store with rollout.engine=transformers on GPUs "
+                  "(its broadcast receiver runs on CPU)", "set placement.weight_sync=auto")
+        if sync == "broadcast" and self.rollout.engine == "vllm" and mode == "colocated":
+            _fail("placement.weight_sync", sync, "auto with placement.mode=colocated (CUDA IPC)",
+                  "set placement.weight_sync=auto, or placement.mode=disaggregated for the NCCL broadcast")
         if mode == "cpu":
             return
         from eopd_ray.placement import plan_placement  # pure Python; its PlacementError is a ConfigError

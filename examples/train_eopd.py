@@ -32,10 +32,12 @@ from actors.group import ActorGroup  # noqa: E402
 from actors.build import (ResolvedModels, build_rollouts, build_students, build_teachers, build_weight_sync,  # noqa: E402
                           init_ray)
 from actors.eval_runner import evaluate_on_workers  # noqa: E402
+from actors.nccl_sync import SyncCheckError  # noqa: E402
 from actors.rollout import SamplingParams  # noqa: E402
 from actors.student import NonFiniteLossError  # noqa: E402
 from actors.weight_sync import WeightSync  # noqa: E402
 from eopd_ray import checkpoint  # noqa: E402
+from eopd_ray.batch import list_rows  # noqa: E402
 from eopd_ray.config import OFF_POLICY_OBJECTIVES, ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402
 from eopd_ray.data import DataError, PromptSampler, load_rows, synthetic_rows, tokenize_rows  # noqa: E402
 from eopd_ray.models import architecture_mismatch, load_tokenizer, output_rows  # noqa: E402
@@ -152,6 +154,7 @@ class Actors:
     students: ActorGroup
     sync: WeightSync
     on_policy: bool  # False for off-policy KD: the rollout workers keep the teacher
+    sync_checked: bool = False  # the engines' log-probs were compared with the student's after a sync
 
     def shutdown(self) -> None:
         for group in (self.rollouts, self.teachers, self.students):
@@ -245,6 +248,8 @@ def iteration(cfg, actors: Actors, step: int, prompts: list) -> dict:
     train_metrics = actors.students.run("train_step", step, len(rollout_refs), *rollout_refs, *teacher_refs)[0]
     t3 = time.perf_counter()
     sync_metrics = actors.sync.sync() if actors.on_policy else {}
+    if actors.on_policy and cfg.placement.check_sync and not actors.sync_checked:
+        sync_metrics.update(check_sync(cfg, actors, rollout_refs[0]))
     row = {"step": step + 1, **train_metrics, **sync_metrics, "rollout/workers": len(rollout_refs)}
     for stats in (rollout_stats, teacher_stats):
         for key in stats[0]:
@@ -252,6 +257,18 @@ def iteration(cfg, actors: Actors, step: int, prompts: list) -> dict:
     row.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/train_phase": t3 - t2,
                 "time/step": time.perf_counter() - t0})
     return row
+
+
+def check_sync(cfg, actors: Actors, rollout_ref, rows: int = 4) -> dict:
+    """After the first sync of these actors: the engines' teacher-forced log-probs of a few sampled rows equal
+    the student's (`WeightSync.verify`), so a sync that silently sends nothing or the wrong tensors stops the
+    run at its first step rather than training on stale samples."""
+    table = ray.get(rollout_ref).slice(0, rows)
+    pairs = [(p, r) for p, r in zip(list_rows(table.column("prompt_ids")), list_rows(table.column("response_ids")))
+             if len(r)]
+    metrics = actors.sync.verify([p for p, _ in pairs], [r for _, r in pairs], cfg.model.dtype == "float32")
+    actors.sync_checked = True
+    return metrics
 
 
 def eval_report(results: dict, threshold: float) -> list[str]:
@@ -328,6 +345,11 @@ def main(argv=None) -> int:
             bar.n = step
             bar.refresh()
             continue
+        except SyncCheckError as exc:
+            print(f"error: {exc}; the rollout engines do not hold the student's weights (set "
+                  "placement.check_sync=false to skip this check)", file=sys.stderr)
+            actors.shutdown()
+            return 4
         except ray.exceptions.RayTaskError as exc:
             if not isinstance(exc.cause, NonFiniteLossError):
                 raise

@@ -39,12 +39,26 @@ def test_overrides_are_typed():
     ("nosection.x=1", "nosection"),
     ("trainer=3", "trainer"),
     ("loss.renormalize=maybe", "loss.renormalize"),
+    ("placement.weight_sync=nccl", "placement.weight_sync='nccl'"),
 ])
 def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert fragment in str(err.value)
     assert "allowed" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["placement.weight_sync=broadcast", "placement.mode=disaggregated", "placement.gpus_per_node=4"],
+     "placement.weight_sync='broadcast'"),  # the transformers engine receives broadcasts on CPU only
+    (["placement.weight_sync=broadcast", "rollout.engine=vllm", "placement.mode=colocated",
+      "placement.gpus_per_node=4", "trainer.zero_stage=1"], "CUDA IPC"),
+])
+def test_weight_sync_choices_that_cannot_work_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError, match="allowed") as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value)
+    assert load_config(None, ["placement.weight_sync=broadcast"]).placement.weight_sync == "broadcast"  # on CPU
 
 
 def test_override_without_equals_sign():

@@ -86,7 +86,7 @@ def _worker(engine):
             return ["#1" for _ in rows]
 
     w = RolloutWorker.__new__(RolloutWorker)
-    w.engine, w.tokenizer = engine, _Tok()
+    w.engine, w.tokenizer, w.vocab_size = engine, _Tok(), 8  # ids 5-7 are real tokens
     return w
 
 
