@@ -203,7 +203,7 @@ def test_zero3_buckets_hold_the_full_weights(tiny_models):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_ipc_buckets_reach_another_process_on_the_same_gpu():
-    from actors.nccl_sync import run_ipc_roundtrip
+    from actors.sync_selftest import run_ipc_roundtrip
 
     res = run_ipc_roundtrip(total_mb=64, bucket_mb=16)
     assert res["equal"] and res["buckets"] >= 4
@@ -211,10 +211,18 @@ def test_cuda_ipc_buckets_reach_another_process_on_the_same_gpu():
           f"on {torch.cuda.get_device_name(0)}")
 
 
+def test_two_process_bucketed_broadcast_over_gloo_is_bit_exact():
+    """The same bucket plan, flatten and receive_buckets as the NCCL broadcast, between two CPU processes."""
+    from actors.sync_selftest import run_two_process_broadcast
+
+    res = run_two_process_broadcast(total_mb=24, bucket_mb=4, backend="gloo")
+    assert res["equal"] and res["buckets"] >= 4 and res["bytes"] >= 24 * MIB
+
+
 @pytest.mark.gpu
 @needs_two_gpus
 def test_two_process_nccl_broadcast_is_bit_exact():
-    from actors.nccl_sync import run_two_process_broadcast
+    from actors.sync_selftest import run_two_process_broadcast
 
     res = run_two_process_broadcast(total_mb=256, bucket_mb=64)
     assert res["equal"] and res["buckets"] >= 4
