@@ -154,11 +154,15 @@ class TransformersEngine(RolloutEngine):
             return_dict_in_generate=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
             suppress_tokens=self.suppress)
         new_BT = res.sequences[:, width:]
-        logits_BTV = torch.stack(res.logits, dim=1)[..., :self.vocab_size].float() / params.temperature
-        logp_BTV = torch.log_softmax(logits_BTV, dim=-1)
-        # clamp: a padded id (only with `suppress` off) gets a placeholder; the worker cuts the response there
-        logprobs_BT = logp_BTV.gather(-1, new_BT[..., None].clamp(max=self.vocab_size - 1)).squeeze(-1)
-        entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+        # Step by step: stacking the T steps' (B, V) logits first would make several (B, T, V) float32 copies.
+        # clamp: a padded id (only with `suppress` off) gets a placeholder; the worker cuts the response there.
+        ids_BT = new_BT.clamp(max=self.vocab_size - 1)
+        logprob_steps, entropy_steps = [], []
+        for t, logits_BV in enumerate(res.logits):
+            logp_BV = torch.log_softmax(logits_BV[:, :self.vocab_size].float() / params.temperature, dim=-1)
+            logprob_steps.append(logp_BV.gather(-1, ids_BT[:, t, None])[:, 0])
+            entropy_steps.append(-(logp_BV.exp() * logp_BV).sum(-1))
+        logprobs_BT, entropy_BT = torch.stack(logprob_steps, 1), torch.stack(entropy_steps, 1)
         out = Generation([], [], [])
         for i in range(new_BT.shape[0]):
             row = new_BT[i]

@@ -139,8 +139,12 @@ def token_stats_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor |
 def _fkl_from_logprobs(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                        renormalize: bool) -> torch.Tensor:
     """Forward KL over the teacher's top-k given the student's full-vocabulary log-probs (..., V) -> (...)."""
-    logq_K = student_logprobs.gather(-1, topk_ids.long())
-    tlp_K = topk_logprobs.detach().to(student_logprobs.dtype)
+    return _fkl_at_topk(student_logprobs.gather(-1, topk_ids.long()), topk_logprobs, renormalize)
+
+
+def _fkl_at_topk(logq_K: torch.Tensor, topk_logprobs: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """Forward KL over the teacher's top-k given the student's log-probs at those ids (..., k) -> (...)."""
+    tlp_K = topk_logprobs.detach().to(logq_K.dtype)
     logp_K = torch.log_softmax(tlp_K, dim=-1) if renormalize else tlp_K
     p_K = logp_K.exp()
     # Ids the teacher gives zero mass would make 0 * (-inf) = NaN; they contribute nothing instead.
@@ -221,7 +225,10 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
     t_ids_BTK = torch.where(mask_BTK, teacher.topk_ids.long(), 0)
     t_topk_BTK = torch.where(mask_BTK, teacher.topk_logprobs.detach().to(dt), zero)
 
-    logprobs_BT = logq_BTV.gather(-1, tokens_BT.unsqueeze(-1)).squeeze(-1)
+    # One gather for the sampled token and the teacher's top-k: each gather's backward allocates a dense
+    # (B, T, V) gradient, so two would cost EOPD one more V-wide buffer than OPD.
+    picked_BTK1 = logq_BTV.gather(-1, torch.cat([tokens_BT.unsqueeze(-1), t_ids_BTK], dim=-1))
+    logprobs_BT, logq_topk_BTK = picked_BTK1[..., 0], picked_BTK1[..., 1:]
     if cfg.objective == "entropy_bonus":
         student_ent_BT = _entropy(logq_BTV)
     else:
@@ -250,9 +257,8 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
             gate_BT = torch.zeros_like(mask_BT)
 
     has_fkl = cfg.objective in FKL_OBJECTIVES + ("kd",)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and has_fkl):
-        # Computed for every objective: the high-entropy FKL metric compares OPD runs with EOPD (Fig. 5).
-        fkl_BT = _fkl_from_logprobs(logq_BTV, t_ids_BTK, t_topk_BTK, cfg.renormalize)
+    # Computed for every objective: the high-entropy FKL metric compares OPD runs with EOPD (Fig. 5).
+    fkl_BT = _fkl_at_topk(logq_topk_BTK if has_fkl else logq_topk_BTK.detach(), t_topk_BTK, cfg.renormalize)
 
     n_tok = _as_count(mask_BT.sum() if num_tokens is None else num_tokens, logprobs_BT)
     if cfg.objective == "kd":  # supervised on teacher samples: cross-entropy replaces the policy gradient
