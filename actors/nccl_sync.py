@@ -216,7 +216,7 @@ class StudentWeightSender:
         return param_metas(self.engine.module, self.dtype)
 
     def _sync_device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return self.device  # the trainer's: CUDA with the NCCL backend, else CPU (gloo group)
 
     def init_weight_group(self, addr: str, port: int, world_size: int) -> bool:
         """Rank 0 joins the dedicated group as its rank 0; the other ranks have nothing to do."""
@@ -282,6 +282,12 @@ class RolloutWeightReceiver:
         self.engine.init_weight_group(addr, port, rank_offset, world_size)
         return True
 
+    def weight_mismatches(self, metas: list[ParamMeta]) -> list[str]:
+        """Names / shapes the engine cannot take, checked before any bucket moves (a receiver failing halfway
+        would leave the sender blocked in a broadcast). vLLM maps the names itself: nothing to check here."""
+        check = getattr(self.engine, "weight_mismatches", None)
+        return check(metas) if check else []
+
     def receive_weights(self, metas: list[ParamMeta], bucket_mb: int) -> float:
         t0 = time.perf_counter()
         self.engine.receive_weights(metas, bucket_mb * MIB)
@@ -316,6 +322,10 @@ class NcclWeightSync(WeightSync):
         self.tp = tensor_parallel_size
         self._connect()
         self.metas = ray.get(students.actors[0].weight_metas.remote())
+        problems = sorted({p for ps in ray.get(rollouts.call("weight_mismatches", self.metas)) for p in ps})
+        if problems:
+            raise RuntimeError(f"weight sync: the rollout engines' model does not match the student's: "
+                               f"{'; '.join(problems[:5])}. Start the engines from the same model.student.")
 
     def _connect(self) -> None:
         """(Re)build the group over the engines present now. An NCCL group cannot gain or lose members, so
@@ -361,9 +371,6 @@ class IpcWeightSync(WeightSync):
             self.students.run("release_ipc")
         ray.get(self.rollouts.call("weight_sync_end"))
         return {"time/sync": time.perf_counter() - t0, "time/sync_load": load}
-
-
-# ---- Ray-free two-process primitives (tests and benchmarks on a bare GPU machine) ---------------------
 
 
 # ---- The post-sync check -------------------------------------------------------------------------------

@@ -101,6 +101,13 @@ class TransformersEngine(RolloutEngine):
 
         self.weight_comm = GlooComm(addr, port, rank_offset, world_size)
 
+    def weight_mismatches(self, metas: list) -> list[str]:
+        params = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+        sent = {m.name for m in metas}
+        return ([f"{m.name}: the engine has {'no such parameter' if m.name not in params else params[m.name]}, "
+                 f"the student sends {m.shape}" for m in metas if params.get(m.name) != tuple(m.shape)]
+                + [f"{n}: never sent" for n in params if n not in sent])
+
     def receive_weights(self, metas: list, bucket_bytes: int) -> None:
         from actors.nccl_sync import receive_buckets
 

@@ -25,14 +25,17 @@ class WeightSync(ABC):
 
     def verify(self, prompt_ids: list, response_ids: list, float32: bool) -> dict[str, float]:
         """After a sync: every engine's teacher-forced log-probs of the given rows must equal the student's
-        (within bf16 noise, or float32 rounding when both sides run float32); raises SyncCheckError naming the
-        worst position otherwise. Returns sync/check_* metrics."""
+        (within bf16 noise, or float32 rounding when both sides run the same float32 model); raises
+        SyncCheckError naming the worst position otherwise. Returns sync/check_* metrics ({} without rows)."""
+        if not any(len(r) for r in response_ids):
+            return {}
         from actors.nccl_sync import (SYNC_MAX_ABS, SYNC_MAX_ABS_FP32, SYNC_MEAN_ABS, SYNC_MEAN_ABS_FP32,
                                       check_synced_logprobs)
 
         limits = (SYNC_MAX_ABS_FP32, SYNC_MEAN_ABS_FP32) if float32 else (SYNC_MAX_ABS, SYNC_MEAN_ABS)
-        student = ray.get(self.students.call("sync_check_logprobs", prompt_ids, response_ids))[0]
+        # Engines first: a colocated vLLM engine goes back to sleep after scoring, freeing the GPU for the student.
         engines = ray.get(self.rollouts.call("score_tokens", prompt_ids, response_ids))
+        student = ray.get(self.students.call("sync_check_logprobs", prompt_ids, response_ids))[0]
         stats = [check_synced_logprobs(e, student, *limits) for e in engines]
         return {"sync/check_max_abs": max(s["max_abs"] for s in stats),
                 "sync/check_mean_abs": max(s["mean_abs"] for s in stats)}

@@ -75,17 +75,22 @@ def output_head(model):
     Many families change the logits after the lm_head matmul (Gemma 2/3 soft-capping, Cohere's logit_scale,
     Granite's logits_scaling, biases); re-implementing each would miss the next. Instead the model's own
     forward runs with its decoder (`get_decoder()`) answering with the given hidden states, so whatever the
-    model does after the decoder is applied. `check_output_head` proves it for a loaded model.
+    model does after the decoder is applied. `check_output_head` checks it on a probe for a loaded model.
+    Not for concurrent use: while it runs, the decoder's forward is replaced.
     """
     decoder = model.get_decoder()
 
     def head(hidden_NH: torch.Tensor) -> torch.Tensor:
+        own = decoder.__dict__.get("forward")  # an instance-level forward (hooks, wrappers) to put back
         decoder.forward = lambda *args, **kwargs: _HiddenOnly(hidden_NH[None])
         try:
             dummy_1N = torch.zeros(1, hidden_NH.shape[0], dtype=torch.long, device=hidden_NH.device)
             return model(input_ids=dummy_1N, use_cache=False).logits[0]
         finally:
-            del decoder.forward  # the instance attribute shadowed the class's forward
+            if own is None:
+                del decoder.forward  # the instance attribute shadowed the class's forward
+            else:
+                decoder.forward = own
 
     return head
 
@@ -101,8 +106,11 @@ def check_output_head(model, head, device, vocab_rows: int) -> None:
         via_head_LV = head(hidden_LH).float()
     scale = 1.0 + full_LV.abs().max().item()
     tol = 1e-4 if hidden_LH.dtype == torch.float32 else 2e-2  # bf16: kernels may differ by a few ulps
-    if via_head_LV.shape != full_LV.shape or (via_head_LV - full_LV).abs().max().item() > tol * scale:
+    diff = (via_head_LV - full_LV).abs().max().item() if via_head_LV.shape == full_LV.shape else float("inf")
+    if diff > tol * scale:
         raise ValueError(
             f"model type {model.config.model_type!r}: computing logits from the decoder's hidden states does not "
-            "reproduce the model's own logits, so the teacher's per-token statistics would be wrong. Its forward "
-            "does not go through `get_decoder()`; use a text-only causal LM checkpoint of this family.")
+            f"reproduce the model's own logits (max difference {diff:.3g}, allowed {tol * scale:.3g}; shapes "
+            f"{tuple(via_head_LV.shape)} vs {tuple(full_LV.shape)}), so the teacher's per-token statistics would "
+            "be wrong. Its forward does not go through `get_decoder()`; use a text-only causal LM checkpoint of "
+            "this family.")

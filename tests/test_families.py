@@ -93,7 +93,8 @@ def test_rollout_behaviour_logprobs_match_the_models_own_logits(family_dirs, fam
     tok = load_tokenizer(family_dirs[family])
     prompts = [np.array([5, 9, 7, 11]), np.array([6, 8])]
     worker = RolloutWorker(family_dirs[family], vocab_size=len(tok), num_threads=1)
-    table, _ = worker.rollout([0, 1], prompts, ["1", "2"], SamplingParams(1.0, 1.0, 10, seed=3))
+    table, stats = worker.rollout([0, 1], prompts, ["1", "2"], SamplingParams(1.0, 1.0, 10, seed=3))
+    assert stats["rollout/cut_at_padded_id"] == 0  # the engine never sampled a padded row
     ref = _reference(family_dirs[family], table, len(tok))
     for (logp, r), lp in zip(ref, list_rows(table.column("logprobs"))):
         assert r.max() < len(tok)
@@ -168,3 +169,38 @@ def test_job_distils_a_gemma2_teacher_into_a_llama_student_through_ray(tmp_path)
     ckpt = sorted((out / "checkpoints").glob("step_*"))[-1] / "hf"
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     assert model.config.model_type == "llama" and model.get_output_embeddings().weight.shape[0] == 58
+
+
+def test_broadcast_receiver_names_parameters_it_cannot_take(family_dirs):
+    """Checked before any bucket moves: the same model matches; extra, missing and reshaped parameters are
+    each named."""
+    from actors.nccl_sync import ParamMeta, param_metas
+
+    tok = load_tokenizer(family_dirs["llama"])
+    engine = RolloutWorker(family_dirs["llama"], vocab_size=len(tok), num_threads=1).engine
+    same = param_metas(load_causal_lm(family_dirs["llama"]), "float32")
+    assert engine.weight_mismatches(same) == []
+    gemma = engine.weight_mismatches(param_metas(load_causal_lm(family_dirs["gemma2"]), "float32"))
+    assert "model.layers.0.pre_feedforward_layernorm.weight: the engine has no such parameter, the student " \
+           "sends (32,)" in gemma
+    assert engine.weight_mismatches(same[1:]) == [f"{same[0].name}: never sent"]
+    wider = [ParamMeta(m.name, (m.shape[0] + 1,) + m.shape[1:], m.dtype) if m.name == "lm_head.weight" else m
+             for m in same]
+    rows = len(tok) + EXTRA_ROWS
+    assert engine.weight_mismatches(wider) == [f"lm_head.weight: the engine has ({rows}, 32), the student sends "
+                                               f"({rows + 1}, 32)"]
+
+
+def test_output_head_puts_back_an_instance_level_forward(family_dirs):
+    """Hooks and wrappers (accelerate, peft) set a forward on the module instance; the head restores it."""
+    model = load_causal_lm(family_dirs["llama"]).eval()
+    decoder = model.get_decoder()
+    original = decoder.forward
+    decoder.forward = wrapped = lambda *args, **kwargs: original(*args, **kwargs)  # noqa: E731
+    with torch.no_grad():
+        output_head(model)(torch.zeros(3, 32))
+    assert decoder.__dict__["forward"] is wrapped
+    del decoder.forward
+    with torch.no_grad():
+        output_head(model)(torch.zeros(3, 32))
+    assert "forward" not in decoder.__dict__

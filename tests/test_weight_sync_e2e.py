@@ -100,6 +100,7 @@ def test_job_with_broadcast_sync_equals_the_object_store_sync(tmp_path, tiny_mod
         out = tmp_path / sync
         run_job(out, tiny_models, *common, f"placement.weight_sync={sync}")
         runs[sync] = json.loads((out / "results.json").read_text())["train"]["metrics"]
+    assert len(runs["object_store"]) == len(runs["broadcast"]) == 2
     for a, b in zip(runs["object_store"], runs["broadcast"]):
         for key in ("loss/total", "loss/fkl", "pg/ratio_mean", "rollout/accuracy", "teacher/entropy"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
