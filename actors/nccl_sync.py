@@ -215,20 +215,18 @@ class StudentWeightSender:
     def weight_metas(self) -> list[ParamMeta]:
         return param_metas(self.engine.module, self.dtype)
 
-    def _sync_device(self) -> torch.device:
-        return self.device  # the trainer's: CUDA with the NCCL backend, else CPU (gloo group)
-
     def init_weight_group(self, addr: str, port: int, world_size: int) -> bool:
         """Rank 0 joins the dedicated group as its rank 0; the other ranks have nothing to do."""
         if self.rank == 0:
-            self._weight_comm = weight_group(addr, port, 0, world_size, self._sync_device())
+            # the trainer's device: CUDA with the NCCL backend (NCCL group), else CPU (gloo group)
+            self._weight_comm = weight_group(addr, port, 0, world_size, self.device)
         return True
 
     def broadcast_weights(self, bucket_mb: int) -> float:
         """Every rank calls this (ZeRO-3 gathers are collective); rank 0 broadcasts each bucket. Seconds."""
         t0 = time.perf_counter()
         metas = self.weight_metas()
-        device = self._sync_device()
+        device = self.device
         for _, flat in iter_student_buckets(self.engine.module, metas, bucket_mb * MIB, self.trainer.zero_stage,
                                             self.rank, device):
             if flat is not None:
@@ -283,10 +281,7 @@ class RolloutWeightReceiver:
         return True
 
     def weight_mismatches(self, metas: list[ParamMeta]) -> list[str]:
-        """Names / shapes the engine cannot take, checked before any bucket moves (a receiver failing halfway
-        would leave the sender blocked in a broadcast). vLLM maps the names itself: nothing to check here."""
-        check = getattr(self.engine, "weight_mismatches", None)
-        return check(metas) if check else []
+        return self.engine.weight_mismatches(metas)
 
     def receive_weights(self, metas: list[ParamMeta], bucket_mb: int) -> float:
         t0 = time.perf_counter()
@@ -320,16 +315,17 @@ class NcclWeightSync(WeightSync):
     def __init__(self, students, rollouts, bucket_mb: int, tensor_parallel_size: int):
         self.students, self.rollouts, self.bucket_mb = students, rollouts, bucket_mb
         self.tp = tensor_parallel_size
-        self._connect()
         self.metas = ray.get(students.actors[0].weight_metas.remote())
-        problems = sorted({p for ps in ray.get(rollouts.call("weight_mismatches", self.metas)) for p in ps})
-        if problems:
-            raise RuntimeError(f"weight sync: the rollout engines' model does not match the student's: "
-                               f"{'; '.join(problems[:5])}. Start the engines from the same model.student.")
+        self._connect()
 
     def _connect(self) -> None:
         """(Re)build the group over the engines present now. An NCCL group cannot gain or lose members, so
         when rollout workers left or joined (elastic runs) every member builds a new one on a fresh port."""
+        # Checked before any bucket moves: a receiver failing halfway would leave the sender blocked.
+        problems = sorted({p for ps in ray.get(self.rollouts.call("weight_mismatches", self.metas)) for p in ps})
+        if problems:
+            raise RuntimeError(f"weight sync: the rollout engines' model does not match the student's: "
+                               f"{'; '.join(problems[:5])}. Start the engines from the same model.student.")
         world = 1 + len(self.rollouts) * self.tp
         addr, port = ray.get(self.students.actors[0].master_address.remote())
         # All members create the group together (rank 0 hosts its store), so submit everything, then wait.

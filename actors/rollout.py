@@ -60,6 +60,18 @@ class RolloutEngine(ABC):
     @abstractmethod
     def generate(self, prompt_ids: list[np.ndarray], params: SamplingParams) -> Generation: ...
 
+    # The broadcast weight sync's hooks (actors/nccl_sync.py); engines that need nothing keep these.
+    def weight_mismatches(self, metas: list) -> list[str]:
+        """Parameters the engine cannot take from the student's (name, shape) list; [] when it maps names
+        itself (vLLM)."""
+        return []
+
+    def weight_sync_begin(self) -> None:
+        pass
+
+    def weight_sync_end(self) -> None:
+        pass
+
     @abstractmethod
     def load_weights(self, state: dict[str, np.ndarray]) -> None:
         """Replace the policy weights in place (the weight-sync target)."""
@@ -113,20 +125,12 @@ class TransformersEngine(RolloutEngine):
 
         params = dict(self.model.named_parameters())  # tied weights appear once, as the sender sends them
 
-        def load(pairs):
+        def load(pairs):  # names and shapes were checked when the group was built (weight_mismatches)
             for name, tensor in pairs:
-                if name not in params:
-                    raise RuntimeError(f"weight sync: the engine's model has no parameter {name!r}")
                 params[name].data.copy_(tensor)
 
         with torch.no_grad():
             receive_buckets(self.weight_comm, metas, bucket_bytes, torch.device("cpu"), load)
-
-    def weight_sync_begin(self) -> None:
-        pass
-
-    def weight_sync_end(self) -> None:
-        pass
 
     def score_tokens(self, prompt_ids: list[np.ndarray], response_ids: list[np.ndarray]) -> list[np.ndarray]:
         """Teacher-forced log p(response_t | prompt, response_<t) over the real vocabulary, (T_i,) per row."""
