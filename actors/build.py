@@ -15,7 +15,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.group import ActorGroup
-from actors.remote import RolloutActor, StudentActor, TeacherActor
+from actors.remote import RolloutActor, ShardedTeacherActor, StudentActor, TeacherActor
 from actors.weight_sync import ObjectStoreWeightSync, WeightSync
 from eopd_ray.config import OFF_POLICY_OBJECTIVES, RunConfig
 from eopd_ray.placement import PlacementPlan, plan_placement
@@ -146,10 +146,23 @@ def build_rollouts(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
 
 
 def build_teachers(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
-    return _group(cfg, "teacher", TeacherActor, cfg.teacher.num_workers, lambda rank: dict(
-        model_path=models.teacher_path, top_k=cfg.loss.top_k, vocab_size=models.vocab_size,
-        pad_id=models.pad_id, chunk_size=cfg.teacher.chunk_size, dtype=cfg.model.teacher_dtype,
-        trust_remote_code=cfg.model.trust_remote_code, num_threads=_threads(cfg)), cfg.teacher.num_cpus)
+    """Teacher workers: whole models (data parallel), or with teacher.zero_stage=3 one ZeRO-3 group whose
+    members join a process group (NCCL on GPUs, gloo on CPU) and load the teacher into partitions."""
+    t = cfg.teacher
+    common = dict(model_path=models.teacher_path, top_k=cfg.loss.top_k, vocab_size=models.vocab_size,
+                  pad_id=models.pad_id, chunk_size=t.chunk_size, dtype=cfg.model.teacher_dtype,
+                  trust_remote_code=cfg.model.trust_remote_code)
+    if t.zero_stage == 0:
+        return _group(cfg, "teacher", TeacherActor, t.num_workers,
+                      lambda rank: dict(common, num_threads=_threads(cfg)), t.num_cpus)
+    backend = "nccl" if plan_placement(cfg).has_gpus else "gloo"
+    group = _group(cfg, "teacher", ShardedTeacherActor, t.num_workers, lambda rank: dict(
+        common, rank=rank, world_size=t.num_workers, backend=backend, offload=t.offload,
+        persistence_threshold=t.zero3_persistence_threshold,
+        num_threads=max(1, _threads(cfg) // t.num_workers)), t.num_cpus)
+    addr, port = ray.get(group.actors[0].master_address.remote())
+    group.run("setup", addr, port)
+    return group
 
 
 def build_students(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:

@@ -10,6 +10,7 @@ from actors.nccl_sync import RolloutWeightReceiver, StudentWeightSender
 from actors.rollout import RolloutWorker
 from actors.student import StudentTrainer, free_port
 from actors.teacher import TeacherScorer
+from actors.teacher_zero3 import ShardedTeacherScorer
 
 
 @ray.remote
@@ -20,6 +21,12 @@ class RolloutActor(RolloutWorker, RolloutWeightReceiver):
 @ray.remote
 class TeacherActor(TeacherScorer):
     pass
+
+
+@ray.remote
+class ShardedTeacherActor(ShardedTeacherScorer):
+    def master_address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
 
 
 @ray.remote

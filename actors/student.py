@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from actors.dist_init import free_port, join_process_group  # noqa: F401 (free_port: re-exported)
 from actors.faults import maybe_fail
 from eopd_ray.batch import SequenceBatch, list_rows, padded_float, padded_topk, sequence_batch
 from eopd_ray.config import LossConfig, TrainerConfig
@@ -87,12 +87,6 @@ def split_rows(lengths, budget: int, num_pieces: int | None = None) -> list[tupl
     return pieces
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -115,22 +109,8 @@ class StudentTrainer:
 
     def setup(self, master_addr: str, master_port: int) -> bool:
         import deepspeed
-        import torch.distributed as dist
 
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        if not torch.cuda.is_available():
-            # DeepSpeed JIT-compiles a shared-memory all-reduce (45-90 s on 2 cores) that only its
-            # inference path uses; training all-reduces go through gloo, so mark the op unavailable.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        if not dist.is_initialized():
-            dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
-                                    init_method=f"tcp://{master_addr}:{master_port}")
-        if torch.cuda.is_available() and self.backend == "nccl":
-            torch.cuda.set_device(0)  # Ray makes this actor's own GPU the only visible one
-            self.device = torch.device("cuda:0")
-        else:
-            self.device = torch.device("cpu")
+        self.device = join_process_group(self.rank, self.world_size, master_addr, master_port, self.backend)
         t = self.trainer
         model = load_causal_lm(self.model_path, "float32", self.trust_remote_code).to(self.device)
         model.config.use_cache = False

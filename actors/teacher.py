@@ -9,9 +9,8 @@ dtype (bf16 at paper scale), the statistics are computed chunk by chunk on the G
 crosses to the host once as four compact tensors (8k + 8 bytes per position).
 
 Data parallelism is the teacher actor group itself (one worker per GPU, rollout shards spread over them).
-DeepSpeed ZeRO-3 inference with CPU offload is not offered: every teacher of the paper (8B in bf16, 16 GB)
-fits on one 80 GB GPU with room for the activations of a 4,096-token batch, and offloaded ZeRO-3 inference
-would stream the whole model over PCIe for every batch, several times slower than keeping it resident.
+A teacher that does not fit one GPU runs as `actors/teacher_zero3.py` (`teacher.zero_stage=3`): DeepSpeed
+ZeRO-3 inference with its parameters partitioned over the workers, optionally offloaded to host memory.
 """
 
 from __future__ import annotations
@@ -24,8 +23,13 @@ import torch
 
 from actors.faults import maybe_fail
 from eopd_ray.batch import list_rows, make_teacher_table, sequence_batch
-from eopd_ray.losses import token_stats_from_hidden
+from eopd_ray.losses import TokenStats, token_stats_from_hidden
 from eopd_ray.models import check_output_head, load_causal_lm, output_head, set_threads
+
+
+def _empty_columns() -> dict[str, list]:
+    """Per-row arrays of a teacher table being filled: logprobs, entropy (T,), topk_ids, topk_logprobs (T, k)."""
+    return {"logprobs": [], "entropy": [], "topk_ids": [], "topk_logprobs": []}
 
 
 class TeacherScorer:
@@ -36,15 +40,18 @@ class TeacherScorer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = load_causal_lm(model_path, dtype, trust_remote_code).to(self.device).eval()
+        self.top_k, self.vocab_size, self.pad_id = top_k, vocab_size, pad_id
+        self.chunk_size, self.max_batch = chunk_size, max_batch
+        self._attach(load_causal_lm(model_path, dtype, trust_remote_code).to(self.device))
+
+    def _attach(self, model) -> None:
+        self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         # The model's own head (soft-capping, logit scales and biases included), proven on a probe now
         # rather than discovered as wrong statistics later.
         self.head = output_head(self.model)
-        check_output_head(self.model, self.head, self.device, vocab_size)
-        self.top_k, self.vocab_size, self.pad_id = top_k, vocab_size, pad_id
-        self.chunk_size, self.max_batch = chunk_size, max_batch
+        check_output_head(self.model, self.head, self.device, self.vocab_size)
 
     def ping(self) -> bool:
         return True
@@ -54,17 +61,26 @@ class TeacherScorer:
         """rollout: ROLLOUT_SCHEMA table -> (TEACHER_SCHEMA table in the same row order, stats)."""
         maybe_fail("teacher")
         t0 = time.perf_counter()
+        cols = _empty_columns()
+        for prompts, responses in self._row_chunks(rollout):
+            self._score_chunk(prompts, responses, cols)
+        return self._result(rollout, cols, time.perf_counter() - t0)
+
+    def _row_chunks(self, rollout: pa.Table) -> list[tuple[list, list]]:
+        """(prompts, responses) of at most `max_batch` rows each, in row order."""
         prompts = list_rows(rollout.column("prompt_ids"))
         responses = list_rows(rollout.column("response_ids"))
-        cols: dict[str, list] = {"logprobs": [], "entropy": [], "topk_ids": [], "topk_logprobs": []}
-        for s in range(0, len(prompts), self.max_batch):
-            self._score_chunk(prompts[s:s + self.max_batch], responses[s:s + self.max_batch], cols)
+        return [(prompts[s:s + self.max_batch], responses[s:s + self.max_batch])
+                for s in range(0, len(prompts), self.max_batch)]
+
+    @staticmethod
+    def _result(rollout: pa.Table, cols: dict[str, list], seconds: float) -> tuple[pa.Table, dict]:
         table = make_teacher_table(rollout.column("sample_id").to_numpy(), cols["logprobs"], cols["entropy"],
                                    cols["topk_ids"], cols["topk_logprobs"])
         ent = np.concatenate(cols["entropy"]) if cols["entropy"] else np.zeros(0)
         stats = {"teacher/entropy_rollout": float(ent.mean()) if ent.size else 0.0,
                  "teacher/high_entropy_fraction": float((ent >= 1.0).mean()) if ent.size else 0.0,
-                 "time/teacher": time.perf_counter() - t0}
+                 "time/teacher": seconds}
         return table, stats
 
     def _score_chunk(self, prompts, responses, cols) -> None:
@@ -78,8 +94,7 @@ class TeacherScorer:
                    + torch.arange(len(prompts), device=dev)[:, None] * hidden_BLH.shape[1])[mask_BT]
         hidden_NH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])[index_N]
         del hidden_BLH  # (B, L, H) of the prompts too: free it before the V-wide chunks
-        stats = token_stats_from_hidden(hidden_NH, self.head, batch.response_BT.to(dev)[mask_BT], self.top_k,
-                                        chunk_size=self.chunk_size, vocab_size=self.vocab_size)
+        stats = self._position_stats(hidden_NH, batch.response_BT.to(dev)[mask_BT])
         stats = stats.to("cpu")  # one device-to-host copy of the compact (N,), (N,), (N, k), (N, k) tensors
         start = 0
         for r in responses:  # rows are contiguous in the flattened (row-major) masked order
@@ -89,3 +104,8 @@ class TeacherScorer:
             cols["topk_ids"].append(stats.topk_ids[start:end].numpy().astype(np.int32))
             cols["topk_logprobs"].append(stats.topk_logprobs[start:end].float().numpy())
             start = end
+
+    def _position_stats(self, hidden_NH: torch.Tensor, tokens_N: torch.Tensor) -> TokenStats:
+        """(N, H) final hidden states of response positions and their (N,) tokens -> TokenStats of (N,)/(N, k)."""
+        return token_stats_from_hidden(hidden_NH, self.head, tokens_N, self.top_k, chunk_size=self.chunk_size,
+                                       vocab_size=self.vocab_size)

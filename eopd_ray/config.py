@@ -177,14 +177,28 @@ class RolloutConfig:
 class TeacherConfig:
     """The frozen teacher that scores every sampled token."""
 
-    num_workers: int = 1  # teacher actors (data parallel)
+    num_workers: int = 1  # teacher actors (data parallel; with zero_stage 3 they also share the parameters)
     chunk_size: int = 1024  # positions per chunk when computing full-vocabulary statistics
     num_cpus: float = 0.5  # Ray CPUs reserved per teacher actor
+    zero_stage: int = 0  # 0: every worker holds the whole teacher; 3: DeepSpeed ZeRO-3 inference, parameters
+    # partitioned over the workers and gathered layer by layer (teachers that do not fit one GPU)
+    offload: str = "none"  # zero_stage 3 only: `cpu` keeps the partitions in host memory, streamed in per layer
+    zero3_persistence_threshold: int = 100_000  # zero_stage 3: parameters this small stay whole on every worker
 
     def validate(self, prefix: str = "teacher") -> None:
         _check_range(f"{prefix}.num_workers", self.num_workers, lo=1, integer=True)
         _check_range(f"{prefix}.chunk_size", self.chunk_size, lo=1, integer=True)
         _check_range(f"{prefix}.num_cpus", self.num_cpus, lo=0)
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 3):
+            _fail(f"{prefix}.zero_stage", self.zero_stage, "0 (whole teacher per worker) or 3 (ZeRO-3 inference)",
+                  "set it to 0 or 3; ZeRO 1 and 2 shard only optimizer state and gradients, which a frozen teacher "
+                  "has none of")
+        if self.offload not in ("none", "cpu"):
+            _fail(f"{prefix}.offload", self.offload, "none or cpu")
+        if self.offload == "cpu" and self.zero_stage != 3:
+            _fail(f"{prefix}.offload", self.offload, f"none with {prefix}.zero_stage={self.zero_stage!r}",
+                  f"set {prefix}.zero_stage=3 (parameter offload is a ZeRO-3 feature)")
+        _check_range(f"{prefix}.zero3_persistence_threshold", self.zero3_persistence_threshold, lo=0, integer=True)
 
 
 @dataclass

@@ -170,7 +170,7 @@ def format_plan(cfg: Any) -> str:
         lines = ["placement: cpu (no GPU requested; Ray places the actors on any node)"]
         for role in ROLES:
             lines.append(f"  {role:8s} x{counts[role]}: bundle {plan.bundles[role][0]} each")
-        return "\n".join(lines)
+        return "\n".join(lines + _teacher_line(cfg))
     total = plan.num_nodes * plan.gpus_per_node
     lines = [f"placement: {plan.mode}, {plan.num_nodes} node(s) x {plan.gpus_per_node} GPUs = {total}, "
              f"{plan.gpus_used} used"]
@@ -196,4 +196,13 @@ def format_plan(cfg: Any) -> str:
         for role in ROLES:
             lines.append(f"  Ray: {role} group, {counts[role]} bundles {plan.bundles[role][0]} (PACK)")
         lines.append("  weight sync: NCCL broadcast from student rank 0 to every engine worker")
-    return "\n".join(lines)
+    return "\n".join(lines + _teacher_line(cfg))
+
+
+def _teacher_line(cfg: Any) -> list[str]:
+    t = cfg.teacher
+    if t.zero_stage != 3:
+        return []
+    where = "host memory, streamed in layer by layer" if t.offload == "cpu" else "GPU memory"
+    return [f"  teacher: ZeRO-3 inference, each of the {t.num_workers} workers holds 1/{t.num_workers} of the "
+            f"parameters in {where}"]

@@ -35,6 +35,9 @@ def test_overrides_are_typed():
     ("rollout.num_workers=33", "rollout.num_workers=33"),
     ("model.dtype=fp8", "model.dtype='fp8'"),
     ("model.dtype=bfloat16", "trainer.zero_stage=0"),  # bf16 needs a ZeRO stage >= 1
+    ("teacher.zero_stage=2", "teacher.zero_stage=2"),  # a frozen teacher has no optimizer state to shard
+    ("teacher.offload=cpu", "teacher.offload='cpu'"),  # parameter offload needs ZeRO-3
+    ("teacher.offload=nvme", "teacher.offload='nvme'"),
     ("loss.nope=1", "loss.nope"),
     ("nosection.x=1", "nosection"),
     ("trainer=3", "trainer"),

@@ -106,6 +106,23 @@ def test_two_student_ranks_zero2_match_one_rank(tmp_path, tiny_models):
     assert max(diffs) < 1e-5
 
 
+def test_zero3_teacher_group_matches_one_whole_teacher(tmp_path, tiny_models):
+    """Two ZeRO-3 teacher workers (parameters partitioned over gloo) scoring 2 + 1 rollout shards in step give
+    the training the same teacher statistics as one whole teacher scoring all three."""
+    common = ["trainer.max_steps=2", "eval.enabled=false", "rollout.num_workers=3"]
+    one, two = tmp_path / "one", tmp_path / "zero3"
+    run_job(one, tiny_models, *common)
+    proc = run_job(two, tiny_models, *common, "teacher.num_workers=2", "teacher.zero_stage=3",
+                   "teacher.zero3_persistence_threshold=0")
+    assert "ZeRO-3 inference, each of the 2 workers holds 1/2" in proc.stdout  # the plan says so
+    a = json.loads((one / "results.json").read_text())["train"]["metrics"]
+    b = json.loads((two / "results.json").read_text())["train"]["metrics"]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss/total", "loss/pg", "loss/fkl", "gate/fraction", "teacher/entropy",
+                    "teacher/entropy_rollout", "teacher/high_entropy_fraction"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
