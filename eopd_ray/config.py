@@ -126,6 +126,8 @@ class DataConfig:
     eval_path: str = ""  # held-out problems, same format; empty = synthetic held-out split
     prompt_key: str = "prompt"  # field holding the question text
     answer_key: str = "answer"  # field holding the gold answer (nested: reward_model.ground_truth)
+    eval_prompt_key: str = ""  # eval_path's question field when it differs; empty = prompt_key
+    eval_answer_key: str = ""  # eval_path's gold-answer field when it differs; empty = answer_key
     prompt_suffix: str = ""  # appended to every question (paper, Appendix C: "\nPlease reason step by step...")
     num_train_problems: int = 4096  # synthetic task only: training problems generated
     num_eval_problems: int = 64  # held-out problems used by the final evaluation
@@ -140,6 +142,9 @@ class DataConfig:
         for name in ("prompt_key", "answer_key"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 _fail(f"{prefix}.{name}", getattr(self, name), "a non-empty field name")
+        for name in ("eval_prompt_key", "eval_answer_key"):
+            if not isinstance(getattr(self, name), str):
+                _fail(f"{prefix}.{name}", getattr(self, name), "a field name, or empty for the training one")
 
 
 @dataclass

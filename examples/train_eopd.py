@@ -92,7 +92,8 @@ def load_data(cfg, tokenizer):
     d = cfg.data
     train = load_rows(d.train_path, d.prompt_key, d.answer_key) if d.train_path else \
         synthetic_rows(d.num_train_problems, d.seed, "train")
-    held = load_rows(d.eval_path, d.prompt_key, d.answer_key) if d.eval_path else \
+    held = load_rows(d.eval_path, d.eval_prompt_key or d.prompt_key, d.eval_answer_key or d.answer_key) \
+        if d.eval_path else \
         synthetic_rows(d.num_eval_problems, d.seed, "test")
     train_recs = tokenize_rows(train, tokenizer, d.max_prompt_tokens, d.train_path or "synthetic train split",
                                d.prompt_suffix)

@@ -111,3 +111,25 @@ def test_placement_section_round_trips_and_accepts_a_gpu_layout():
                              "rollout.tensor_parallel_size=2", "placement.sync_bucket_mb=256"])
     assert config_from_dict(cfg.to_dict()) == cfg
     assert cfg.placement.sync_bucket_mb == 256
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(str(p)).data.train_path], ids=lambda p: p.name)
+def test_every_preset_reads_its_data_and_its_eval_golds_grade_themselves(path):
+    """The presets' data paths are relative to the repository (`data/...`, a link to the shared copies);
+    train and eval rows load with the configured fields, and every eval gold answer, boxed, grades correct
+    (a worked solution in place of the final answer would not)."""
+    from eopd_ray.data import load_rows
+    from eopd_ray.grading import grade
+
+    d = load_config(str(path)).data
+    if not SHARED_DATA.exists():
+        pytest.skip(f"shared data copies not found at {SHARED_DATA}")
+    local = lambda p: SHARED_DATA / Path(p).relative_to("data")  # noqa: E731
+    assert len(load_rows(local(d.train_path), d.prompt_key, d.answer_key)) >= d.num_eval_problems
+    held = load_rows(local(d.eval_path), d.eval_prompt_key or d.prompt_key, d.eval_answer_key or d.answer_key)
+    assert len(held) >= d.num_eval_problems
+    wrong = [r["answer"] for r in held[:d.num_eval_problems] if not grade(f"\\boxed{{{r['answer']}}}", r["answer"])]
+    assert not wrong, f"{len(wrong)} eval golds do not grade as correct, e.g. {wrong[0][:200]!r}"
