@@ -100,9 +100,10 @@ def test_teacher_scorer_on_gpu_matches_float64_cpu_reference(tiny_models, rollou
     assert next(scorer.model.parameters()).is_cuda
     scored, _ = scorer.score(table)
     ref_model = load_causal_lm(teacher_dir).to(torch.float64).eval()
-    diffs = []
-    for p, r, lp, ent in zip(list_rows(table.column("prompt_ids")), list_rows(table.column("response_ids")),
-                             list_rows(scored.column("teacher_logprobs")), list_rows(scored.column("teacher_entropy"))):
+    diffs, ent_diffs = [], []
+    for p, r, lp, ent, ids_k, tlp_k in zip(*(list_rows(table.column(c)) for c in ("prompt_ids", "response_ids")),
+                                           *(list_rows(scored.column(c)) for c in (
+                                               "teacher_logprobs", "teacher_entropy", "topk_ids", "topk_logprobs"))):
         ids = torch.tensor(np.concatenate([p, r]), dtype=torch.long)[None]
         with torch.no_grad():
             logits = ref_model(input_ids=ids).logits[0, len(p) - 1:len(p) + len(r) - 1, :len(tok)]
@@ -110,12 +111,33 @@ def test_teacher_scorer_on_gpu_matches_float64_cpu_reference(tiny_models, rollou
         ref_lp = logp.gather(-1, torch.as_tensor(r, dtype=torch.long)[:, None])[:, 0].numpy()
         ref_ent = -(logp.exp() * logp).sum(-1).numpy()
         assert lp.dtype == np.float32 and ent.dtype == np.float32
+        ids_k, tlp_k = ids_k.reshape(-1, K), tlp_k.reshape(-1, K)
+        # the top-k log-probs are the reference's at the returned ids, and the k largest in descending order
+        at_ids = logp.gather(-1, torch.as_tensor(ids_k, dtype=torch.long)).numpy()
+        ref_top = torch.sort(logp, dim=-1, descending=True).values[:, :K].numpy()
         if atol is not None:
             np.testing.assert_allclose(lp, ref_lp, atol=atol)
             np.testing.assert_allclose(ent, ref_ent, atol=atol)
+            np.testing.assert_allclose(tlp_k, at_ids, atol=atol)
+            np.testing.assert_allclose(tlp_k, ref_top, atol=atol)
         diffs.append(np.abs(lp - ref_lp))
+        ent_diffs.append(np.abs(ent - ref_ent))
     if atol is None:  # bf16 weights and activations: close on average, far from a wrong model
         assert float(np.concatenate(diffs).mean()) < 0.05
+        assert float(np.concatenate(ent_diffs).mean()) < 0.05
+
+
+def _reset_distributed() -> None:
+    """Leave the process group so that the next trainer in this process starts a fresh one. DeepSpeed caches
+    its world and data-parallel groups at module level; a new trainer would find the destroyed ones there."""
+    import deepspeed.utils.groups as ds_groups
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        setattr(ds_groups, name, None)
 
 
 def _gpu_trainer(student_dir, tok, zero_stage: int, dtype: str, lr: float = 1e-3):
@@ -134,8 +156,6 @@ def _gpu_trainer(student_dir, tok, zero_stage: int, dtype: str, lr: float = 1e-3
 @needs_deepspeed
 def test_student_trainer_step_on_gpu(tiny_models, rollout_table):
     """One DeepSpeed step on the GPU: fp32 ZeRO-0 equals the float32 CPU loss; bf16 ZeRO-3 trains."""
-    import torch.distributed as dist
-
     from actors.teacher import TeacherScorer
     from eopd_ray.batch import list_rows, padded_float, padded_topk, sequence_batch
     from eopd_ray.losses import TokenStats, eopd_loss
@@ -161,7 +181,7 @@ def test_student_trainer_step_on_gpu(tiny_models, rollout_table):
                        batch.response_mask_BT, cfg.loss)
     metrics = tr.train_step(0, 1, table, scored)
     assert metrics["loss/total"] == pytest.approx(float(ref), rel=1e-3, abs=1e-5)
-    dist.destroy_process_group()
+    _reset_distributed()
 
     tr3, _ = _gpu_trainer(student_dir, tok, 3, "bfloat16")
     import deepspeed
@@ -173,15 +193,13 @@ def test_student_trainer_step_on_gpu(tiny_models, rollout_table):
     assert np.isfinite(m3["loss/total"])
     with deepspeed.zero.GatheredParameters(params):
         assert any(not torch.equal(b, p.detach().float()) for b, p in zip(before, params))
-    dist.destroy_process_group()
+    _reset_distributed()
 
 
 @pytest.mark.gpu
 @needs_deepspeed
 def test_zero3_buckets_hold_the_full_weights(tiny_models):
     """Under ZeRO-3 each parameter is partitioned; the sender's buckets must hold the gathered full tensors."""
-    import torch.distributed as dist
-
     from actors.nccl_sync import iter_student_buckets, param_metas
     from eopd_ray.models import load_causal_lm, load_tokenizer
 
@@ -197,7 +215,7 @@ def test_zero3_buckets_hold_the_full_weights(tiny_models):
             assert torch.equal(t.cpu(), reference[name].detach().to(torch.bfloat16)), name
             seen += 1
     assert seen == len(reference)
-    dist.destroy_process_group()
+    _reset_distributed()
 
 
 @pytest.mark.gpu
