@@ -31,7 +31,7 @@ OWN_SIZES = {"gpt2", "opt"}  # their configs name the sizes differently
 
 
 def build_family_model(out_dir: Path, family: str, extra_rows: int = 0, seed: int = 0,
-                       init_std: float = 0.2) -> Path:
+                       init_std: float = 0.2, **overrides) -> Path:
     """Save a random `family` model + the project tokenizer to out_dir; returns out_dir.
 
     init_std is larger than the families' defaults (0.02) so that the logits are far from uniform and a
@@ -42,6 +42,7 @@ def build_family_model(out_dir: Path, family: str, extra_rows: int = 0, seed: in
 
     tok = build_tokenizer()
     kwargs = dict(FAMILIES[family]) if family in OWN_SIZES else {**COMMON, **FAMILIES[family]}
+    kwargs.update(overrides)  # e.g. a head_dim that vLLM's attention kernels accept
     cfg = AutoConfig.for_model(family, vocab_size=len(tok) + extra_rows, pad_token_id=tok.pad_token_id,
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                initializer_range=init_std, tie_word_embeddings=False, **kwargs)

@@ -251,22 +251,31 @@ def test_two_process_nccl_broadcast_is_bit_exact():
 
 
 @pytest.fixture(scope="module")
-def vllm_engine(tiny_models):
+def vllm_model(tmp_path_factory) -> str:
+    """A tiny random Qwen3 over the project tokenizer with head_dim 64: vLLM's FlashAttention kernels take
+    only some head sizes (multiples of 32 in older releases), and the tiny models' 12 and 16 may be refused."""
+    from tests.family_models import build_family_model
+
+    return str(build_family_model(tmp_path_factory.mktemp("vllm") / "qwen3", "qwen3", hidden_size=128,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=64, init_std=0.05))
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(vllm_model):
     from actors.vllm_engine import VLLMEngine
 
-    _, student_dir = tiny_models
-    engine = VLLMEngine(student_dir, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=256)
+    engine = VLLMEngine(vllm_model, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=256)
     yield engine
     engine.shutdown()
 
 
 @pytest.mark.gpu
 @needs_vllm
-def test_vllm_generate_returns_arrays_and_reference_logprobs(tiny_models, vllm_engine):
+def test_vllm_generate_returns_arrays_and_reference_logprobs(vllm_model, vllm_engine):
     from actors.rollout import SamplingParams
     from eopd_ray.models import load_causal_lm, load_tokenizer
 
-    _, student_dir = tiny_models
+    student_dir = vllm_model
     tok = load_tokenizer(student_dir)
     prompts = [np.array(tok(f"{a}+{b}+3=")["input_ids"]) for a, b in [(1, 2), (4, 5), (7, 8), (2, 9)]]
     gen = vllm_engine.generate(prompts, SamplingParams(1.0, 1.0, 24, seed=1))
@@ -282,13 +291,13 @@ def test_vllm_generate_returns_arrays_and_reference_logprobs(tiny_models, vllm_e
 
 @pytest.mark.gpu
 @needs_vllm
-def test_vllm_logprobs_follow_weights_loaded_over_cuda_ipc(tiny_models, vllm_engine):
+def test_vllm_logprobs_follow_weights_loaded_over_cuda_ipc(vllm_model, vllm_engine):
     """The colocated sync path into a real engine: new weights through IPC buckets, then the engine's
     teacher-forced log-probs equal those of a transformers model holding the same weights."""
     from actors.nccl_sync import device_uuid, ipc_handle, param_metas
     from eopd_ray.models import load_causal_lm, load_tokenizer
 
-    _, student_dir = tiny_models
+    student_dir = vllm_model
     tok = load_tokenizer(student_dir)
     model = load_causal_lm(student_dir).cuda().eval()
     with torch.no_grad():
