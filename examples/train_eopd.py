@@ -34,6 +34,7 @@ from actors.build import (ResolvedModels, build_rollouts, build_students, build_
 from actors.eval_runner import evaluate_on_workers  # noqa: E402
 from actors.nccl_sync import SyncCheckError  # noqa: E402
 from actors.rollout import SamplingParams  # noqa: E402
+from actors.scoring import score_rollouts  # noqa: E402
 from actors.student import NonFiniteLossError  # noqa: E402
 from actors.weight_sync import WeightSync  # noqa: E402
 from eopd_ray import checkpoint  # noqa: E402
@@ -235,32 +236,12 @@ def rollout_phase(cfg, actors: Actors, step: int, prompts: list) -> tuple[list, 
                 raise
 
 
-def score_phase(cfg, teachers: ActorGroup, rollout_refs: list) -> tuple[list, list[dict]]:
-    """Teacher tables (refs, one per rollout ref, same order) and their stats. Rollout i goes to worker
-    i % n; a ZeRO-3 teacher scores all of its shares in one collective call per worker."""
-    n = len(teachers)
-    if cfg.teacher.zero_stage == 0:
-        scored = [teachers.actors[i % n].score.options(num_returns=2).remote(ref) for i, ref in enumerate(rollout_refs)]
-        return [s[0] for s in scored], ray.get([s[1] for s in scored])  # payloads stay in the object store
-    shares = [rollout_refs[w::n] for w in range(n)]
-    outs = [a.score_shards.options(num_returns=len(share) + 1).remote(*share)
-            for a, share in zip(teachers.actors, shares)]
-    outs = [out if len(share) else [out] for out, share in zip(outs, shares)]  # num_returns=1: a bare ref
-    pending = [out[-1] for out in outs]
-    while pending:  # a worker that died raises here at once, not when its peers' collectives time out
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
-    stats_per_worker = ray.get([out[-1] for out in outs])
-    refs = [outs[i % n][i // n] for i in range(len(rollout_refs))]
-    return refs, [stats_per_worker[i % n][i // n] for i in range(len(rollout_refs))]
-
-
 def iteration(cfg, actors: Actors, step: int, prompts: list) -> dict:
     """One step of Algorithm 1: generate, score, train, sync. Payloads move between actors as refs."""
     t0 = time.perf_counter()
     rollout_refs, rollout_stats = rollout_phase(cfg, actors, step, prompts)
     t1 = time.perf_counter()
-    teacher_refs, teacher_stats = score_phase(cfg, actors.teachers, rollout_refs)
+    teacher_refs, teacher_stats = score_rollouts(actors.teachers, rollout_refs, cfg.teacher.zero_stage == 3)
     t2 = time.perf_counter()
     train_metrics = actors.students.run("train_step", step, len(rollout_refs), *rollout_refs, *teacher_refs)[0]
     t3 = time.perf_counter()

@@ -50,6 +50,25 @@ def test_killed_rollout_and_student_workers_are_recovered(tmp_path, tiny_models,
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
 
 
+def test_killed_zero3_teacher_worker_is_recovered(tmp_path, tiny_models, clean_run, monkeypatch):
+    """One of two ZeRO-3 teacher workers dies in step 3 while its peer waits in a collective: the group is
+    rebuilt from the last checkpoint and the run ends with the uninterrupted run's losses and weights."""
+    path = _faults(tmp_path, [{"role": "teacher", "call": 3}], monkeypatch)
+    out = tmp_path / "zero3"
+    proc = run_job(out, tiny_models, *ARGS, "teacher.num_workers=2", "teacher.zero_stage=3",
+                   "teacher.zero3_persistence_threshold=0")
+    assert json.loads(path.read_text()) == []
+    assert (proc.stdout + proc.stderr).count("[fault]") == 1
+    a = json.loads((clean_run / "results.json").read_text())["train"]["metrics"]
+    b = json.loads((out / "results.json").read_text())["train"]["metrics"]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert rb["loss/total"] == pytest.approx(ra["loss/total"], rel=1e-5, abs=1e-7)
+    wa, wb = final_weights(clean_run), final_weights(out)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+
+
 def test_recurring_fault_stops_with_a_clear_error(tmp_path, tiny_models, monkeypatch):
     _faults(tmp_path, [{"role": "teacher", "call": 3}] + [{"role": "teacher", "call": 1}] * 3, monkeypatch)
     out = tmp_path / "doomed"
