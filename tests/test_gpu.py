@@ -23,7 +23,7 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason=(
 needs_vllm = pytest.mark.skipif(not HAS_CUDA or importlib.util.find_spec("vllm") is None,
                                 reason="vLLM engine tests need CUDA and vLLM (pip install -e '.[gpu]')")
 needs_deepspeed = pytest.mark.skipif(not HAS_CUDA or importlib.util.find_spec("deepspeed") is None,
-                                     reason="the student trainer on GPU needs CUDA and DeepSpeed")
+                                     reason="DeepSpeed on the GPU (student, ZeRO-3 teacher) needs CUDA and DeepSpeed")
 K = 16
 
 
@@ -216,6 +216,42 @@ def test_zero3_buckets_hold_the_full_weights(tiny_models):
             seen += 1
     assert seen == len(reference)
     _reset_distributed()
+
+
+@pytest.mark.gpu
+@needs_deepspeed
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_zero3_teacher_on_one_gpu_equals_the_whole_teacher(tmp_path, offload):
+    """The ZeRO-3 teacher's CUDA path (NCCL group of one, partitions on the GPU or in pinned host memory)
+    against the whole-model teacher on the same GPU."""
+    import pyarrow as pa
+
+    from actors.teacher import TeacherScorer
+    from eopd_ray.batch import list_rows
+    from eopd_ray.models import load_tokenizer
+    from tests.family_models import build_family_model
+    from tests.test_families import _table
+    from tests.test_teacher_zero3 import COLUMNS, run_group
+    from tests.zero3_worker import CHUNK, K as ZK, MAX_BATCH
+
+    model_dir = str(build_family_model(tmp_path / "qwen3", "qwen3", extra_rows=5, seed=3))
+    tok = load_tokenizer(model_dir)
+    tables = [_table(tok, n_rows=5, seed=1), _table(tok, n_rows=3, seed=2)]
+    (meta,) = run_group(model_dir, [tables], offload, tmp_path, backend="nccl")
+    assert meta["device"] == "cuda:0" and meta["partitions_on_gpu"] in (True, None)
+    whole = TeacherScorer(model_dir, top_k=ZK, vocab_size=len(tok), pad_id=tok.pad_token_id, chunk_size=CHUNK,
+                          max_batch=MAX_BATCH)
+    for j, table in enumerate(tables):
+        got = pa.ipc.open_file(str(tmp_path / f"out_0_{j}.arrow")).read_all()
+        want, _ = whole.score(table)
+        for col in COLUMNS:
+            for g, w in zip(list_rows(got.column(col)), list_rows(want.column(col))):
+                if col == "topk_ids":
+                    np.testing.assert_array_equal(g, w)
+                else:
+                    np.testing.assert_allclose(g, w, rtol=0, atol=2e-4)
+    print(f"\nZeRO-3 teacher, offload={offload}, on {torch.cuda.get_device_name(0)}: "
+          f"{meta['stats'][0]['time/teacher_shards']:.3f} s for both tables (tiny model)")
 
 
 @pytest.mark.gpu

@@ -26,15 +26,19 @@ WORKER = Path(__file__).with_name("zero3_worker.py")
 COLUMNS = ("teacher_logprobs", "teacher_entropy", "topk_ids", "topk_logprobs")
 
 
-def _run_group(model_dir: str, shares: list[list[pa.Table]], offload: str, tmp: Path) -> list[dict]:
+def run_group(model_dir: str, shares: list[list[pa.Table]], offload: str, tmp: Path, backend: str = "gloo",
+              dtype: str = "float32") -> list[dict]:
+    """Start one process per rank, each scoring its share; returns each rank's meta (partition, stats)."""
     for rank, share in enumerate(shares):
         for j, table in enumerate(share):
             with pa.ipc.new_file(str(tmp / f"in_{rank}_{j}.arrow"), table.schema) as w:
                 w.write_table(table)
     port = free_port()
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if backend == "gloo":
+        env["DS_ACCELERATOR"] = "cpu"
     procs = [subprocess.Popen([sys.executable, str(WORKER), model_dir, str(rank), str(len(shares)), str(port),
-                               offload, str(tmp), str(len(share))], stdout=subprocess.PIPE,
+                               offload, str(tmp), str(len(share)), backend, dtype], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env)
              for rank, share in enumerate(shares)]
     try:
@@ -56,7 +60,7 @@ def test_zero3_teacher_equals_whole_teacher(tmp_path, family, offload, shape):
     tok = load_tokenizer(model_dir)
     tables = [_table(tok, n_rows=5, seed=1), _table(tok, n_rows=3, seed=2), _table(tok, n_rows=2, seed=3)]
     shares = [tables[:2], tables[2:]] if shape == "unequal" else [tables, []]
-    metas = _run_group(model_dir, shares, offload, tmp_path)
+    metas = run_group(model_dir, shares, offload, tmp_path)
 
     for meta in metas:  # really partitioned: each rank holds about half of the elements
         assert meta["local"] <= 0.55 * meta["total"], meta

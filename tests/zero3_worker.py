@@ -1,8 +1,8 @@
 """One rank of a ZeRO-3 teacher group, as its own process (tests/test_teacher_zero3.py starts them).
 
 A separate process per rank, because `HfDeepSpeedConfig` switches every later `from_pretrained` of the
-process to zero.Init. Usage: python tests/zero3_worker.py MODEL RANK WORLD PORT OFFLOAD DIR N_TABLES
-reads DIR/in_{RANK}_{j}.arrow, writes DIR/out_{RANK}_{j}.arrow and DIR/meta_{RANK}.json.
+process to zero.Init. Usage: python tests/zero3_worker.py MODEL RANK WORLD PORT OFFLOAD DIR N_TABLES [BACKEND [DTYPE]]
+(gloo and float32 by default) reads DIR/in_{RANK}_{j}.arrow, writes DIR/out_{RANK}_{j}.arrow and DIR/meta_{RANK}.json.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from eopd_ray.models import load_tokenizer  # noqa: E402
 K, CHUNK, MAX_BATCH = 8, 6, 2  # small chunks and row batches: several of each, different counts per rank
 
 
-def main(model: str, rank: int, world: int, port: int, offload: str, out: Path, n_tables: int) -> None:
+def main(model: str, rank: int, world: int, port: int, offload: str, out: Path, n_tables: int,
+         backend: str = "gloo", dtype: str = "float32") -> None:
     tok = load_tokenizer(model)
     scorer = ShardedTeacherScorer(model, top_k=K, vocab_size=len(tok), pad_id=tok.pad_token_id, rank=rank,
                                   world_size=world, chunk_size=CHUNK, max_batch=MAX_BATCH, offload=offload,
-                                  persistence_threshold=0, num_threads=1)
+                                  persistence_threshold=0, num_threads=1, backend=backend, dtype=dtype)
     scorer.setup("127.0.0.1", port)
     tables = [pa.ipc.open_file(str(out / f"in_{rank}_{j}.arrow")).read_all() for j in range(n_tables)]
     *scored, stats = scorer.score_shards(*tables)
@@ -33,9 +34,11 @@ def main(model: str, rank: int, world: int, port: int, offload: str, out: Path, 
         with pa.ipc.new_file(str(out / f"out_{rank}_{j}.arrow"), table.schema) as w:
             w.write_table(table)
     local, total = scorer.partition_numel()
-    (out / f"meta_{rank}.json").write_text(json.dumps({"local": local, "total": total, "stats": stats}))
+    on_gpu = all(p.ds_tensor.is_cuda for p in scorer.model.parameters()) if offload == "none" else None
+    (out / f"meta_{rank}.json").write_text(json.dumps({"local": local, "total": total, "stats": stats,
+                                                       "device": str(scorer.device), "partitions_on_gpu": on_gpu}))
 
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], int(a[1]), int(a[2]), int(a[3]), a[4], Path(a[5]), int(a[6]))
+    main(a[0], int(a[1]), int(a[2]), int(a[3]), a[4], Path(a[5]), int(a[6]), *a[7:9])
