@@ -51,6 +51,17 @@ def run_group(model_dir: str, shares: list[list[pa.Table]], offload: str, tmp: P
     return [json.loads((tmp / f"meta_{rank}.json").read_text()) for rank in range(len(shares))]
 
 
+def assert_tables_close(got: pa.Table, want: pa.Table, atol: float) -> None:
+    """Two teacher tables: the same rows and top-k ids, the float columns within atol."""
+    assert got.column("sample_id").to_pylist() == want.column("sample_id").to_pylist()
+    for col in COLUMNS:
+        for g, w in zip(list_rows(got.column(col)), list_rows(want.column(col)), strict=True):
+            if col == "topk_ids":
+                np.testing.assert_array_equal(g, w)
+            else:
+                np.testing.assert_allclose(g, w, rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("family,offload,shape", [
     ("qwen3", "none", "unequal"),  # rank 0: 3 + 2 row chunks, rank 1: 1 (stand-in chunks, padded positions)
     ("gemma2", "cpu", "one_idle"),  # soft-capped logits through the gathered head; rank 1 has no table at all
@@ -71,13 +82,7 @@ def test_zero3_teacher_equals_whole_teacher(tmp_path, family, offload, shape):
         for j, table in enumerate(share):
             got = pa.ipc.open_file(str(tmp_path / f"out_{rank}_{j}.arrow")).read_all()
             want, want_stats = whole.score(table)
-            assert got.column("sample_id").to_pylist() == want.column("sample_id").to_pylist()
-            for col in COLUMNS:
-                for g, w in zip(list_rows(got.column(col)), list_rows(want.column(col))):
-                    if col == "topk_ids":
-                        np.testing.assert_array_equal(g, w)
-                    else:
-                        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+            assert_tables_close(got, want, atol=1e-5)
             got_stats = metas[rank]["stats"][j]
             assert got_stats["teacher/entropy_rollout"] == pytest.approx(want_stats["teacher/entropy_rollout"],
                                                                          abs=1e-5)
