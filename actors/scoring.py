@@ -38,7 +38,8 @@ def _wait_for_group(teachers: ActorGroup, pending: list) -> None:
             ready, pending = ray.wait(pending, num_returns=1)
             ray.get(ready)
     except ray.exceptions.RayTaskError:
-        for ping in [a.ping.remote() for a in teachers.actors]:
-            if ray.wait([ping], timeout=30)[0]:
-                ray.get(ping)  # a dead worker raises ActorDiedError here
+        pings = [a.ping.remote() for a in teachers.actors]
+        # One deadline for all: live peers may be stuck in a collective and never answer.
+        for ping in ray.wait(pings, num_returns=len(pings), timeout=30)[0]:
+            ray.get(ping)  # a dead worker raises ActorDiedError here
         raise

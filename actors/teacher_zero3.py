@@ -3,7 +3,8 @@
 Each of the `teacher.num_workers` workers holds 1/world of every parameter, in GPU memory or, with
 `teacher.offload=cpu`, in pinned host memory; a layer's parameters are gathered just before it runs and freed
 after. The model is loaded under `HfDeepSpeedConfig`, so transformers builds it inside `deepspeed.zero.Init`
-and reads the checkpoint straight into the partitions: no worker ever holds the whole teacher.
+and copies the checkpoint into the partitions module by module: no GPU ever holds the whole teacher (rank 0
+reads the whole checkpoint on the host while loading).
 
 The workers still score different rollouts (data parallel), but ZeRO-3's gathers are collective: every worker
 must make the same sequence of module calls. So `score_shards` runs on all workers at once, each with its own
@@ -56,7 +57,7 @@ class ShardedTeacherScorer(TeacherScorer):
         self.top_k, self.vocab_size, self.pad_id = top_k, vocab_size, pad_id
         self.chunk_size, self.max_batch = chunk_size, max_batch
         self.device = torch.device("cpu")
-        self.model = None
+        self.model = self.engine = None
 
     def master_address(self) -> tuple[str, int]:
         return os.environ.get("EOPD_NODE_IP", "127.0.0.1"), free_port()
@@ -71,8 +72,9 @@ class ShardedTeacherScorer(TeacherScorer):
         # Kept alive for the model's lifetime: while it exists, from_pretrained builds models inside zero.Init.
         self._hf_ds_config = HfDeepSpeedConfig(ds_config)
         model = load_causal_lm(self.model_path, self.dtype, self.trust_remote_code)
-        engine = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)[0]
-        model = engine.module
+        # Held: the engine's destructor removes the ZeRO-3 hooks that gather each layer's parameters.
+        self.engine = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)[0]
+        model = self.engine.module
         # zero.Init places parameters; buffers (rotary tables, ...) stay wherever the constructor put them.
         for module in model.modules():
             for name, buf in list(module.named_buffers(recurse=False)):

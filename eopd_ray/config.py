@@ -264,14 +264,16 @@ class EvalConfig:
     """Final evaluation of teacher, initial student and trained student on held-out problems."""
 
     enabled: bool = True  # run the evaluation at the end of training
+    teacher: bool = True  # evaluate the teacher too (it is loaded whole on every rollout worker for that)
     k: int = 8  # samples per problem: Avg@k and Pass@k
     temperature: float = 1.0  # sampling temperature of the evaluation
     top_p: float = 1.0  # nucleus sampling of the evaluation (paper: 0.8 on the real benchmarks)
     high_entropy_threshold: float = 1.0  # a generated token counts as high-entropy at or above this
 
     def validate(self, prefix: str = "eval") -> None:
-        if not isinstance(self.enabled, bool):
-            _fail(f"{prefix}.enabled", self.enabled, "true or false")
+        for name in ("enabled", "teacher"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(f"{prefix}.{name}", getattr(self, name), "true or false")
         _check_range(f"{prefix}.k", self.k, lo=1, integer=True)
         _check_range(f"{prefix}.temperature", self.temperature, lo=0, lo_open=True)
         _check_range(f"{prefix}.top_p", self.top_p, lo=0, hi=1, lo_open=True)

@@ -203,6 +203,13 @@ def _teacher_line(cfg: Any) -> list[str]:
     t = cfg.teacher
     if t.zero_stage != 3:
         return []
-    where = "host memory, streamed in layer by layer" if t.offload == "cpu" else "GPU memory"
-    return [f"  teacher: ZeRO-3 inference, each of the {t.num_workers} workers holds 1/{t.num_workers} of the "
-            f"parameters in {where}"]
+    where = ("host memory, streamed in layer by layer" if t.offload == "cpu" else
+             "GPU memory" if plan_placement(cfg).has_gpus else "memory")
+    lines = [f"  teacher: ZeRO-3 inference, each of the {t.num_workers} workers holds 1/{t.num_workers} of the "
+             f"parameters in {where}"]
+    if cfg.eval.enabled and cfg.eval.teacher:
+        lines.append("  note: the final evaluation loads the teacher whole on every rollout worker; "
+                     "eval.teacher=false skips it")
+    if cfg.loss.objective == "kd":
+        lines.append("  note: loss.objective=kd samples from the teacher loaded whole on every rollout worker")
+    return lines

@@ -276,8 +276,8 @@ def eval_report(results: dict, threshold: float) -> list[str]:
     lines = [f"eval {name:16s} Avg@{r['k']}={r['avg_at_k']:.3f} Pass@{r['k']}={r['pass_at_k']:.3f} "
              f"tokens with entropy >= {threshold:g}: {100 * r['high_entropy_fraction']:.1f}%"
              for name, r in results.items()]
-    teacher = results["teacher"]["high_entropy_fraction"]
-    for name in ("student_initial", "student"):
+    teacher = results["teacher"]["high_entropy_fraction"] if "teacher" in results else None
+    for name in ("student_initial", "student") if teacher is not None else ():
         frac = results[name]["high_entropy_fraction"]
         lines.append(f"{name} keeps {frac / teacher:.2f}x the teacher's share of high-entropy tokens "
                      f"({100 * frac:.1f}% vs {100 * teacher:.1f}%)" if teacher > 0 else
@@ -383,7 +383,8 @@ def main(argv=None) -> int:
         seed = t.seed + 777
         eval_results["student"] = evaluate(cfg, actors, models, eval_recs, None, seed)
         eval_results["student_initial"] = evaluate(cfg, actors, models, eval_recs, models.student_path, seed)
-        eval_results["teacher"] = evaluate(cfg, actors, models, eval_recs, models.teacher_path, seed)
+        if cfg.eval.teacher:
+            eval_results["teacher"] = evaluate(cfg, actors, models, eval_recs, models.teacher_path, seed)
         for line in eval_report(eval_results, cfg.eval.high_entropy_threshold):
             print(line)
         entropy_histograms(eval_results, out_dir / "entropy_hist.png", cfg.eval.high_entropy_threshold)

@@ -42,10 +42,10 @@ def build_family_model(out_dir: Path, family: str, extra_rows: int = 0, seed: in
 
     tok = build_tokenizer()
     kwargs = dict(FAMILIES[family]) if family in OWN_SIZES else {**COMMON, **FAMILIES[family]}
-    kwargs.update(overrides)  # e.g. a head_dim that vLLM's attention kernels accept
+    kwargs = {"tie_word_embeddings": False, **kwargs, **overrides}  # e.g. a head_dim vLLM's kernels accept
     cfg = AutoConfig.for_model(family, vocab_size=len(tok) + extra_rows, pad_token_id=tok.pad_token_id,
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                               initializer_range=init_std, tie_word_embeddings=False, **kwargs)
+                               initializer_range=init_std, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).float()
     out_dir = Path(out_dir)

@@ -109,12 +109,14 @@ def test_two_student_ranks_zero2_match_one_rank(tmp_path, tiny_models):
 def test_zero3_teacher_group_matches_one_whole_teacher(tmp_path, tiny_models):
     """Two ZeRO-3 teacher workers (parameters partitioned over gloo) scoring 2 + 1 rollout shards in step give
     the training the same teacher statistics as one whole teacher scoring all three."""
-    common = ["trainer.max_steps=2", "eval.enabled=false", "rollout.num_workers=3"]
+    common = ["trainer.max_steps=2", "rollout.num_workers=3"]
     one, two = tmp_path / "one", tmp_path / "zero3"
-    run_job(one, tiny_models, *common)
+    run_job(one, tiny_models, *common, "eval.enabled=false")
     proc = run_job(two, tiny_models, *common, "teacher.num_workers=2", "teacher.zero_stage=3",
-                   "teacher.zero3_persistence_threshold=0")
+                   "teacher.zero3_persistence_threshold=0", "eval.teacher=false")
     assert "ZeRO-3 inference, each of the 2 workers holds 1/2" in proc.stdout  # the plan says so
+    evaluated = json.loads((two / "results.json").read_text())["eval"]
+    assert sorted(evaluated) == ["student", "student_initial"]  # eval.teacher=false: the teacher is not loaded
     a = json.loads((one / "results.json").read_text())["train"]["metrics"]
     b = json.loads((two / "results.json").read_text())["train"]["metrics"]
     for ra, rb in zip(a, b, strict=True):

@@ -237,7 +237,10 @@ def test_zero3_teacher_on_one_gpu_equals_the_whole_teacher(tmp_path, offload):
     tok = load_tokenizer(model_dir)
     tables = [_table(tok, n_rows=5, seed=1), _table(tok, n_rows=3, seed=2)]
     (meta,) = run_group(model_dir, [tables], offload, tmp_path, backend="nccl")
-    assert meta["device"] == "cuda:0" and meta["partitions_on_gpu"] in (True, None)
+    assert meta["device"] == "cuda:0"
+    # partitions on the GPU, or offloaded to pinned host pages (asynchronous copies)
+    assert meta["partitions"] == ({"devices": ["cuda"], "pinned": False} if offload == "none" else
+                                  {"devices": ["cpu"], "pinned": True}), meta["partitions"]
     whole = TeacherScorer(model_dir, top_k=ZK, vocab_size=len(tok), pad_id=tok.pad_token_id, chunk_size=CHUNK,
                           max_batch=MAX_BATCH)
     for j, table in enumerate(tables):

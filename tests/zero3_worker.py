@@ -34,9 +34,10 @@ def main(model: str, rank: int, world: int, port: int, offload: str, out: Path, 
         with pa.ipc.new_file(str(out / f"out_{rank}_{j}.arrow"), table.schema) as w:
             w.write_table(table)
     local, total = scorer.partition_numel()
-    on_gpu = all(p.ds_tensor.is_cuda for p in scorer.model.parameters()) if offload == "none" else None
+    parts = [p.ds_tensor for p in scorer.model.parameters()]
+    where = {"devices": sorted({t.device.type for t in parts}), "pinned": all(t.is_pinned() for t in parts)}
     (out / f"meta_{rank}.json").write_text(json.dumps({"local": local, "total": total, "stats": stats,
-                                                       "device": str(scorer.device), "partitions_on_gpu": on_gpu}))
+                                                       "device": str(scorer.device), "partitions": where}))
 
 
 if __name__ == "__main__":
