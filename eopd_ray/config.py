@@ -128,7 +128,9 @@ class DataConfig:
     answer_key: str = "answer"  # field holding the gold answer (nested: reward_model.ground_truth)
     eval_prompt_key: str = ""  # eval_path's question field when it differs; empty = prompt_key
     eval_answer_key: str = ""  # eval_path's gold-answer field when it differs; empty = answer_key
-    prompt_suffix: str = ""  # appended to every question (paper, Appendix C: "\nPlease reason step by step...")
+    prompt_suffix: str = ""  # appended to every question, training and held-out
+    eval_prompt_suffix: str = ""  # appended after it to held-out questions only (paper, Appendix C:
+    # "\nPlease reason step by step, and put your final answer within \\boxed{}.")
     num_train_problems: int = 4096  # synthetic task only: training problems generated
     num_eval_problems: int = 64  # held-out problems used by the final evaluation
     max_prompt_tokens: int = 64  # longer prompts are an error naming the row
@@ -145,6 +147,9 @@ class DataConfig:
         for name in ("eval_prompt_key", "eval_answer_key"):
             if not isinstance(getattr(self, name), str):
                 _fail(f"{prefix}.{name}", getattr(self, name), "a field name, or empty for the training one")
+        for name in ("prompt_suffix", "eval_prompt_suffix"):
+            if not isinstance(getattr(self, name), str):
+                _fail(f"{prefix}.{name}", getattr(self, name), "a string (quote it in YAML)")
 
 
 @dataclass

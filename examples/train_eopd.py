@@ -99,7 +99,7 @@ def load_data(cfg, tokenizer):
     train_recs = tokenize_rows(train, tokenizer, d.max_prompt_tokens, d.train_path or "synthetic train split",
                                d.prompt_suffix)
     eval_recs = tokenize_rows(held[:d.num_eval_problems], tokenizer, d.max_prompt_tokens,
-                              d.eval_path or "synthetic test split", d.prompt_suffix)
+                              d.eval_path or "synthetic test split", d.prompt_suffix + d.eval_prompt_suffix)
     return PromptSampler(train_recs, cfg.trainer.batch_size, d.seed), eval_recs
 
 

@@ -118,8 +118,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(str(p)).data.train_path], ids=lambda p: p.name)
 def test_every_preset_reads_its_data_and_its_eval_golds_grade_themselves(path):
-    """The presets' data paths are relative to the repository (`data/...`, a link to the shared copies);
-    train and eval rows load with the configured fields, and every eval gold answer, boxed, grades correct
+    """The presets' data paths are relative (`data/...`; docs/gpu.md section 3), read here from the shared
+    copies; train and eval rows load with the configured fields, and every eval gold answer, boxed, grades correct
     (a worked solution in place of the final answer would not)."""
     from eopd_ray.data import load_rows
     from eopd_ray.grading import grade

@@ -84,3 +84,30 @@ def test_nested_fields_of_verl_style_parquet(tmp_path):
     assert rows[0]["prompt"] == "What is 2+2?" and rows[0]["answer"] == "4"
     with pytest.raises(DataError, match="field 'reward_model.answer' is missing"):
         load_rows(path, prompt_key="prompt.0.content", answer_key="reward_model.answer")
+
+
+def test_held_out_set_has_its_own_fields_and_suffix(tmp_path):
+    """The driver reads eval_path with data.eval_prompt_key / eval_answer_key (empty: the training ones) and
+    appends data.eval_prompt_suffix to held-out prompts only."""
+    import json
+
+    from eopd_ray.config import load_config
+    from eopd_ray.tiny_models import build_tokenizer
+    from tests.test_weight_sync_e2e import _driver
+
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("".join(json.dumps({"problem": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(8)))
+    held.write_text("".join(json.dumps({"q": f"{i}+2=", "gold": str(i + 2)}) + "\n" for i in range(4)))
+    base = [f"data.train_path={train}", f"data.eval_path={held}", "data.prompt_key=problem",
+            "data.answer_key=solution", "data.eval_prompt_key=q", "data.eval_answer_key=gold",
+            "trainer.batch_size=4", "trainer.mini_batch_size=4", "data.num_eval_problems=4"]
+    tok = build_tokenizer()
+    drv = _driver()
+    sampler, plain = drv.load_data(load_config(None, base), tok)
+    sampler2, suffixed = drv.load_data(load_config(None, base + ["data.eval_prompt_suffix=+3="]), tok)
+    ids = lambda recs: [list(r.prompt_ids) for r in recs]  # noqa: E731
+    assert [r.answer for r in plain] == ["2", "3", "4", "5"]
+    assert ids(suffixed) == ids(tokenize_rows([{"prompt": f"{i}+2=+3=", "answer": str(i + 2)} for i in range(4)],
+                                              tok, 64, "ref"))
+    assert ids(suffixed) != ids(plain)
+    assert ids(sampler2.next_batch()) == ids(sampler.next_batch())  # training prompts are untouched
