@@ -220,10 +220,13 @@ def test_zero3_buckets_hold_the_full_weights(tiny_models):
 
 @pytest.mark.gpu
 @needs_deepspeed
-@pytest.mark.parametrize("offload", ["none", "cpu"])
-def test_zero3_teacher_on_one_gpu_equals_the_whole_teacher(tmp_path, offload):
-    """The ZeRO-3 teacher's CUDA path (NCCL group of one, partitions on the GPU or in pinned host memory)
-    against the whole-model teacher on the same GPU."""
+@pytest.mark.parametrize("world, offload", [
+    (1, "none"), (1, "cpu"),
+    pytest.param(2, "none", marks=needs_two_gpus),  # partitioned over NCCL, unequal shares in step
+])
+def test_zero3_teacher_on_gpus_equals_the_whole_teacher(tmp_path, world, offload):
+    """The ZeRO-3 teacher's CUDA path (NCCL group, partitions on the GPUs or in pinned host memory) against
+    the whole-model teacher on one GPU."""
     import pyarrow as pa
 
     from actors.teacher import TeacherScorer
@@ -236,18 +239,22 @@ def test_zero3_teacher_on_one_gpu_equals_the_whole_teacher(tmp_path, offload):
     model_dir = str(build_family_model(tmp_path / "qwen3", "qwen3", extra_rows=5, seed=3))
     tok = load_tokenizer(model_dir)
     tables = [_table(tok, n_rows=5, seed=1), _table(tok, n_rows=3, seed=2)]
-    (meta,) = run_group(model_dir, [tables], offload, tmp_path, backend="nccl")
-    assert meta["device"] == "cuda:0"
-    # partitions on the GPU, or offloaded to pinned host pages (asynchronous copies)
-    assert meta["partitions"] == ({"devices": ["cuda"], "pinned": False} if offload == "none" else
-                                  {"devices": ["cpu"], "pinned": True}), meta["partitions"]
+    shares = [tables] if world == 1 else [tables[:1], tables[1:]]
+    metas = run_group(model_dir, shares, offload, tmp_path, backend="nccl")
     whole = TeacherScorer(model_dir, top_k=ZK, vocab_size=len(tok), pad_id=tok.pad_token_id, chunk_size=CHUNK,
                           max_batch=MAX_BATCH)
-    for j, table in enumerate(tables):
-        got = pa.ipc.open_file(str(tmp_path / f"out_0_{j}.arrow")).read_all()
-        assert_tables_close(got, whole.score(table)[0], atol=2e-4)
-    print(f"\nZeRO-3 teacher, offload={offload}, on {torch.cuda.get_device_name(0)}: "
-          f"{meta['stats'][0]['time/teacher_shards']:.3f} s for both tables (tiny model)")
+    for rank, (meta, share) in enumerate(zip(metas, shares)):
+        assert meta["device"] == "cuda:0"
+        # partitions on the GPU, or offloaded to pinned host pages (asynchronous copies)
+        assert meta["partitions"] == ({"devices": ["cuda"], "pinned": False} if offload == "none" else
+                                      {"devices": ["cpu"], "pinned": True}), meta["partitions"]
+        if world > 1:
+            assert meta["local"] <= 0.55 * meta["total"], meta
+        for j, table in enumerate(share):
+            got = pa.ipc.open_file(str(tmp_path / f"out_{rank}_{j}.arrow")).read_all()
+            assert_tables_close(got, whole.score(table)[0], atol=2e-4)
+    print(f"\nZeRO-3 teacher, {world} rank(s), offload={offload}, on {torch.cuda.get_device_name(0)}: "
+          f"{metas[0]['stats'][0]['time/teacher_shards']:.3f} s for rank 0's share (tiny model)")
 
 
 @pytest.mark.gpu

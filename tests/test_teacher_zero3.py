@@ -37,9 +37,11 @@ def run_group(model_dir: str, shares: list[list[pa.Table]], offload: str, tmp: P
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if backend == "gloo":
         env["DS_ACCELERATOR"] = "cpu"
+    # NCCL: one GPU per rank, each rank's own as its cuda:0 (as Ray arranges for actors)
+    gpu = (lambda rank: {"CUDA_VISIBLE_DEVICES": str(rank)}) if backend == "nccl" else (lambda rank: {})
     procs = [subprocess.Popen([sys.executable, str(WORKER), model_dir, str(rank), str(len(shares)), str(port),
                                offload, str(tmp), str(len(share)), backend, dtype], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env)
+                              stderr=subprocess.STDOUT, text=True, env={**env, **gpu(rank)})
              for rank, share in enumerate(shares)]
     try:
         logs = [p.communicate(timeout=300)[0] for p in procs]  # out of step: gloo aborts, NCCL would hang (timeout)
