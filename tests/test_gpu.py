@@ -98,7 +98,10 @@ def test_teacher_scorer_on_gpu_matches_float64_cpu_reference(tiny_models, rollou
     scorer = TeacherScorer(teacher_dir, top_k=K, vocab_size=len(tok), pad_id=tok.pad_token_id, chunk_size=5,
                            dtype=dtype)
     assert next(scorer.model.parameters()).is_cuda
-    scored, _ = scorer.score(table)
+    scored, stats = scorer.score(table)
+    n_tok = sum(len(r) for r in list_rows(table.column("response_ids")))
+    print(f"\nteacher scorer, {dtype}, on {torch.cuda.get_device_name(0)}: {n_tok} positions in "
+          f"{stats['time/teacher']:.3f} s (tiny model, first call)")
     ref_model = load_causal_lm(teacher_dir).to(torch.float64).eval()
     diffs, ent_diffs = [], []
     for p, r, lp, ent, ids_k, tlp_k in zip(*(list_rows(table.column(c)) for c in ("prompt_ids", "response_ids")),
@@ -283,7 +286,8 @@ def test_two_process_nccl_broadcast_is_bit_exact():
 
     res = run_two_process_broadcast(total_mb=256, bucket_mb=64)
     assert res["equal"] and res["buckets"] >= 4
-    print(f"\nNCCL broadcast: {res['bytes'] / MIB:.0f} MiB in {res['seconds']:.3f} s ({res['gbps']:.1f} GB/s)")
+    print(f"\nNCCL broadcast: {res['bytes'] / MIB:.0f} MiB in {res['seconds']:.3f} s ({res['gbps']:.1f} GB/s) "
+          f"on {torch.cuda.get_device_name(0)}")
 
 
 # ---- vLLM ------------------------------------------------------------------------------------------------
