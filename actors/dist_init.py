@@ -17,6 +17,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def master_address() -> tuple[str, int]:
+    """Where rank 0 hosts the group when run without Ray (the Ray shells answer with the node's address)."""
+    return os.environ.get("EOPD_NODE_IP", "127.0.0.1"), free_port()
+
+
 def join_process_group(rank: int, world_size: int, master_addr: str, master_port: int,
                        backend: str) -> torch.device:
     """Initialise the default process group (once per process) and return this rank's device: `cuda:0`

@@ -8,7 +8,8 @@ import ray
 
 from actors.nccl_sync import RolloutWeightReceiver, StudentWeightSender
 from actors.rollout import RolloutWorker
-from actors.student import StudentTrainer, free_port
+from actors.dist_init import free_port
+from actors.student import StudentTrainer
 from actors.teacher import TeacherScorer
 from actors.teacher_zero3 import ShardedTeacherScorer
 
@@ -23,13 +24,18 @@ class TeacherActor(TeacherScorer):
     pass
 
 
-@ray.remote
-class ShardedTeacherActor(ShardedTeacherScorer):
+class _NodeAddress:
+    """Rank 0 of a process group hosts it on the node address Ray knows."""
+
     def master_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
 
 
 @ray.remote
-class StudentActor(StudentTrainer, StudentWeightSender):
-    def master_address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port()
+class ShardedTeacherActor(_NodeAddress, ShardedTeacherScorer):
+    pass
+
+
+@ray.remote
+class StudentActor(_NodeAddress, StudentTrainer, StudentWeightSender):
+    pass

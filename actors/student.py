@@ -18,7 +18,6 @@ tensor, the finiteness flag and the metric all-reduce live there; weights leave 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.dist_init import free_port, join_process_group  # noqa: F401 (free_port: re-exported)
+from actors.dist_init import free_port, join_process_group, master_address  # noqa: F401 (free_port: re-exported)
 from actors.faults import maybe_fail
 from eopd_ray.batch import SequenceBatch, list_rows, padded_float, padded_topk, sequence_batch
 from eopd_ray.config import LossConfig, TrainerConfig
@@ -105,7 +104,7 @@ class StudentTrainer:
 
     # -- set-up: rank 0 publishes an address, then every rank joins at once ---------------------------
     def master_address(self) -> tuple[str, int]:
-        return os.environ.get("EOPD_NODE_IP", "127.0.0.1"), free_port()
+        return master_address()
 
     def setup(self, master_addr: str, master_port: int) -> bool:
         import deepspeed

@@ -36,13 +36,17 @@ class TeacherScorer:
     def __init__(self, model_path: str, top_k: int, vocab_size: int, pad_id: int, chunk_size: int = 1024,
                  dtype: str = "float32", trust_remote_code: bool = False, num_threads: int | None = None,
                  max_batch: int = 64, device: str = "auto"):
-        set_threads(num_threads)
+        self._configure(top_k, vocab_size, pad_id, chunk_size, max_batch, num_threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self._attach(load_causal_lm(model_path, dtype, trust_remote_code).to(self.device))
+
+    def _configure(self, top_k: int, vocab_size: int, pad_id: int, chunk_size: int, max_batch: int,
+                   num_threads: int | None) -> None:
+        set_threads(num_threads)
         self.top_k, self.vocab_size, self.pad_id = top_k, vocab_size, pad_id
         self.chunk_size, self.max_batch = chunk_size, max_batch
-        self._attach(load_causal_lm(model_path, dtype, trust_remote_code).to(self.device))
 
     def _attach(self, model) -> None:
         self.model = model.eval()

@@ -16,18 +16,17 @@ The statistics equal the whole-model teacher's (tests/test_teacher_zero3.py).
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.dist_init import free_port, join_process_group
+from actors.dist_init import join_process_group, master_address
 from actors.faults import maybe_fail
 from actors.teacher import TeacherScorer, _empty_columns
 from eopd_ray.losses import TokenStats
-from eopd_ray.models import load_causal_lm, set_threads
+from eopd_ray.models import load_causal_lm
 
 
 def zero3_inference_config(dtype: str, offload: str, persistence_threshold: int, on_cuda: bool) -> dict:
@@ -50,17 +49,15 @@ class ShardedTeacherScorer(TeacherScorer):
                  num_threads: int | None = None, max_batch: int = 64, backend: str = "gloo", offload: str = "none",
                  persistence_threshold: int = 100_000):
         # No model yet: it is loaded into partitions by `setup`, once every rank has joined the group.
-        set_threads(num_threads)
+        self._configure(top_k, vocab_size, pad_id, chunk_size, max_batch, num_threads)
         self.model_path, self.dtype, self.trust_remote_code = model_path, dtype, trust_remote_code
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.offload, self.persistence_threshold = offload, persistence_threshold
-        self.top_k, self.vocab_size, self.pad_id = top_k, vocab_size, pad_id
-        self.chunk_size, self.max_batch = chunk_size, max_batch
         self.device = torch.device("cpu")
         self.model = self.engine = None
 
     def master_address(self) -> tuple[str, int]:
-        return os.environ.get("EOPD_NODE_IP", "127.0.0.1"), free_port()
+        return master_address()
 
     def setup(self, master_addr: str, master_port: int) -> bool:
         import deepspeed

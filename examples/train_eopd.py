@@ -276,7 +276,7 @@ def eval_report(results: dict, threshold: float) -> list[str]:
     lines = [f"eval {name:16s} Avg@{r['k']}={r['avg_at_k']:.3f} Pass@{r['k']}={r['pass_at_k']:.3f} "
              f"tokens with entropy >= {threshold:g}: {100 * r['high_entropy_fraction']:.1f}%"
              for name, r in results.items()]
-    teacher = results["teacher"]["high_entropy_fraction"] if "teacher" in results else None
+    teacher = results["teacher"]["high_entropy_fraction"] if "teacher" in results else None  # eval.teacher
     for name in ("student_initial", "student") if teacher is not None else ():
         frac = results[name]["high_entropy_fraction"]
         lines.append(f"{name} keeps {frac / teacher:.2f}x the teacher's share of high-entropy tokens "

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 
 import pytest
 import ray
 
+from actors.group import ActorGroup
 from actors.scoring import score_rollouts
 
 pytestmark = pytest.mark.e2e
@@ -34,12 +36,15 @@ class StandIn:
         return (*[f"scored {r}" for r in rollouts], [{"rows": r} for r in rollouts])
 
 
-class Group:
-    def __init__(self, actors):
-        self.actors = actors
-
-    def __len__(self):
-        return len(self.actors)
+@contextmanager
+def group(*behaviours: str):
+    """A real ActorGroup (placement group, ranks) of stand-in workers, removed afterwards."""
+    teachers = ActorGroup("teacher", StandIn, len(behaviours), lambda rank: {"behaviour": behaviours[rank]},
+                          num_cpus=0.25)
+    try:
+        yield teachers
+    finally:
+        teachers.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +55,16 @@ def local_ray():
 
 
 def test_shares_come_back_in_rollout_order_with_an_idle_worker(local_ray):
-    group = Group([StandIn.remote() for _ in range(3)])
-    refs, stats = score_rollouts(group, [ray.put(i) for i in range(2)], zero3=True)  # worker 2 has no share
-    assert ray.get(refs) == ["scored 0", "scored 1"]
-    assert stats == [{"rows": 0}, {"rows": 1}]
-    refs, stats = score_rollouts(group, [ray.put(i) for i in range(7)], zero3=True)
-    assert ray.get(refs) == [f"scored {i}" for i in range(7)] and [s["rows"] for s in stats] == list(range(7))
+    with group("ok", "ok", "ok") as teachers:
+        refs, stats = score_rollouts(teachers, [ray.put(i) for i in range(2)], zero3=True)  # worker 2: no share
+        assert ray.get(refs) == ["scored 0", "scored 1"]
+        assert stats == [{"rows": 0}, {"rows": 1}]
+        refs, stats = score_rollouts(teachers, [ray.put(i) for i in range(7)], zero3=True)
+        assert ray.get(refs) == [f"scored {i}" for i in range(7)] and [s["rows"] for s in stats] == list(range(7))
 
 
 def test_a_dead_worker_is_reported_even_when_a_peer_fails_first(local_ray):
-    group = Group([StandIn.remote("raise"), StandIn.remote("die")])
-    with pytest.raises(ray.exceptions.RayActorError):
-        score_rollouts(group, [ray.put(i) for i in range(4)], zero3=True)
-    healthy = Group([StandIn.remote("raise"), StandIn.remote()])
-    with pytest.raises(ray.exceptions.RayTaskError, match="connection closed"):  # no death: the real error
-        score_rollouts(healthy, [ray.put(i) for i in range(4)], zero3=True)
+    with group("raise", "die") as teachers, pytest.raises(ray.exceptions.RayActorError):
+        score_rollouts(teachers, [ray.put(i) for i in range(4)], zero3=True)
+    with group("raise", "ok") as teachers, pytest.raises(ray.exceptions.RayTaskError, match="connection closed"):
+        score_rollouts(teachers, [ray.put(i) for i in range(4)], zero3=True)  # no death: the real error
