@@ -18,7 +18,7 @@ from actors.group import ActorGroup
 from actors.remote import RolloutActor, ShardedTeacherActor, StudentActor, TeacherActor
 from actors.weight_sync import ObjectStoreWeightSync, WeightSync
 from eopd_ray.config import OFF_POLICY_OBJECTIVES, RunConfig
-from eopd_ray.placement import PlacementPlan, plan_placement
+from eopd_ray.placement import PlacementPlan, cpu_block, plan_placement
 
 
 @dataclass
@@ -120,15 +120,18 @@ def _group(cfg: RunConfig, role: str, actor_cls, n: int, kwargs_for_rank, num_cp
     return ActorGroup(role, actor_cls, n, kwargs_for_rank, num_cpus=num_cpus, num_gpus=plan.num_gpus(role))
 
 
-def _engine_kwargs(cfg: RunConfig) -> dict:
-    """vLLM settings of every engine (ignored by the transformers engine, which gets none)."""
+def _engine_kwargs(cfg: RunConfig, rank: int) -> dict:
+    """vLLM settings of engine `rank` (the transformers engine gets none)."""
     if cfg.rollout.engine != "vllm":
         return {}
     r = cfg.rollout
-    return dict(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
-                max_model_len=r.max_model_len or cfg.data.max_prompt_tokens + r.max_new_tokens,
-                sleep_between_calls=cfg.placement.mode == "colocated", seed=cfg.trainer.seed,
-                temperature=r.temperature)
+    kwargs = dict(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+                  max_model_len=r.max_model_len or cfg.data.max_prompt_tokens + r.max_new_tokens,
+                  sleep_between_calls=cfg.placement.mode == "colocated", seed=cfg.trainer.seed,
+                  temperature=r.temperature, kv_cache_gib=r.kv_cache_gib)
+    if not plan_placement(cfg).has_gpus:  # vLLM's CPU backend: each engine's threads on cores of its own
+        kwargs["cpu_ids"] = cpu_block(rank, r.num_cpus, sorted(os.sched_getaffinity(0)))
+    return kwargs
 
 
 def build_rollouts(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
@@ -137,7 +140,7 @@ def build_rollouts(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
     group = _group(cfg, "rollout", RolloutActor, cfg.rollout.num_workers, lambda rank: dict(
         model_path=path, engine=cfg.rollout.engine, dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code, vocab_size=models.vocab_size,
-        num_threads=_threads(cfg), engine_kwargs=_engine_kwargs(cfg)), cfg.rollout.num_cpus)
+        num_threads=_threads(cfg), engine_kwargs=_engine_kwargs(cfg, rank)), cfg.rollout.num_cpus)
     if cfg.placement.mode == "colocated":
         # vLLM sizes its KV cache from the GPU memory free while it starts: let it finish (and go to sleep)
         # before the teacher and the student load onto the same GPUs.

@@ -9,76 +9,18 @@ from __future__ import annotations
 
 import time
 import warnings
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from actors.faults import maybe_fail
+from actors.rollout_engine import Generation, RolloutEngine, SamplingParams, cut_at_padded_ids
 from eopd_ray.batch import make_rollout_table
 from eopd_ray.evaluation import finite_entropies, grade_response, high_entropy_fraction
 from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
 
 
 ENTROPY_BINS, ENTROPY_MAX = 40, 4.0  # histogram of generated-token entropies (nats)
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 40
-    seed: int = 0
-
-
-@dataclass
-class Generation:
-    """Per prompt: sampled ids (T_i,) up to and including EOS, their behaviour log-probs (T_i,) under the
-    sampling temperature, and the sampler's full-vocabulary entropy (T_i,)."""
-
-    response_ids: list[np.ndarray]
-    logprobs: list[np.ndarray]
-    entropy: list[np.ndarray]
-
-
-def cut_at_padded_ids(gen: Generation, vocab_size: int) -> tuple[Generation, int]:
-    """End each response before its first id >= vocab_size; returns (generation, number of responses cut).
-
-    Such ids are padded output rows, not tokens (Qwen: 151,669 tokens, 151,936 rows). vLLM samples over every
-    row and, once a policy drifts, does emit them (vllm-project/vllm#13175, verl-project/verl#1398); the
-    teacher and the student score only real ids, so a padded id would index past their vocabulary. The kept
-    prefix and its behaviour log-probs are unchanged; the response just has no EOS, like one cut by length."""
-    ends = [int(np.argmax(ids >= vocab_size)) if (ids >= vocab_size).any() else len(ids) for ids in gen.response_ids]
-    cut = sum(n < len(ids) for n, ids in zip(ends, gen.response_ids))
-    if not cut:
-        return gen, 0
-    return Generation(*([x[:n] for x, n in zip(xs, ends)] for xs in (gen.response_ids, gen.logprobs, gen.entropy))), cut
-
-
-class RolloutEngine(ABC):
-    @abstractmethod
-    def generate(self, prompt_ids: list[np.ndarray], params: SamplingParams) -> Generation: ...
-
-    # The broadcast weight sync's hooks (actors/nccl_sync.py); engines that need nothing keep these.
-    def weight_mismatches(self, metas: list) -> list[str]:
-        """Parameters the engine cannot take from the student's (name, shape) list; [] when it maps names
-        itself (vLLM)."""
-        return []
-
-    def weight_sync_begin(self) -> None:
-        pass
-
-    def weight_sync_end(self) -> None:
-        pass
-
-    @abstractmethod
-    def load_weights(self, state: dict[str, np.ndarray]) -> None:
-        """Replace the policy weights in place (the weight-sync target)."""
-
-    @abstractmethod
-    def load_model(self, path: str) -> None:
-        """Load another model from disk (evaluation of a checkpoint, the teacher, ...)."""
 
 
 class TransformersEngine(RolloutEngine):
@@ -109,7 +51,7 @@ class TransformersEngine(RolloutEngine):
 
     # -- the disaggregated sync's receiving side on CPU (actors/nccl_sync.py: gloo instead of NCCL) --------
     def init_weight_group(self, addr: str, port: int, rank_offset: int, world_size: int) -> None:
-        from actors.nccl_sync import GlooComm
+        from actors.sync_buckets import GlooComm
 
         self.weight_comm = GlooComm(addr, port, rank_offset, world_size)
 
@@ -121,7 +63,7 @@ class TransformersEngine(RolloutEngine):
                 + [f"{n}: never sent" for n in params if n not in sent])
 
     def receive_weights(self, metas: list, bucket_bytes: int) -> None:
-        from actors.nccl_sync import receive_buckets
+        from actors.sync_buckets import receive_buckets
 
         params = dict(self.model.named_parameters())  # tied weights appear once, as the sender sends them
 
@@ -134,7 +76,7 @@ class TransformersEngine(RolloutEngine):
 
     def score_tokens(self, prompt_ids: list[np.ndarray], response_ids: list[np.ndarray]) -> list[np.ndarray]:
         """Teacher-forced log p(response_t | prompt, response_<t) over the real vocabulary, (T_i,) per row."""
-        from actors.nccl_sync import teacher_forced_logprobs
+        from actors.sync_check import teacher_forced_logprobs
 
         return [teacher_forced_logprobs(self.model, p, r, self.vocab_size) for p, r in zip(prompt_ids, response_ids)]
 

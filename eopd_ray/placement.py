@@ -158,6 +158,15 @@ def _disaggregated(cfg: Any, counts: dict[str, int], cpus: dict[str, float]) -> 
     return PlacementPlan("disaggregated", p.num_nodes, p.gpus_per_node, tuple(slots), bundles)
 
 
+def cpu_block(rank: int, num_cpus: float, cores: list[int]) -> list[int]:
+    """The cores actor `rank` of a group pins its threads to: blocks of max(1, floor(num_cpus)) of `cores`
+    (the node's usable cores, in order), one after another, wrapping around when the group needs more cores
+    than the node has. Ray counts CPUs but does not name them, so the group's members share them out this way."""
+    width = min(max(1, int(num_cpus)), len(cores))
+    start = (rank * width) % len(cores)
+    return [cores[(start + i) % len(cores)] for i in range(width)]
+
+
 def _gpu_list(gpus: tuple[int, ...]) -> str:
     return f"GPU {gpus[0]}" if len(gpus) == 1 else f"GPUs {gpus[0]}-{gpus[-1]}"
 

@@ -174,7 +174,7 @@ def test_job_distils_a_gemma2_teacher_into_a_llama_student_through_ray(tmp_path)
 def test_broadcast_receiver_names_parameters_it_cannot_take(family_dirs):
     """Checked before any bucket moves: the same model matches; extra, missing and reshaped parameters are
     each named."""
-    from actors.nccl_sync import ParamMeta, param_metas
+    from actors.sync_buckets import ParamMeta, param_metas
 
     tok = load_tokenizer(family_dirs["llama"])
     engine = RolloutWorker(family_dirs["llama"], vocab_size=len(tok), num_threads=1).engine

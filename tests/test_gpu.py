@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from actors.nccl_sync import (MIB, ParamMeta, check_synced_logprobs, flatten, plan_buckets, teacher_forced_logprobs,
-                              unflatten)
+from actors.sync_buckets import MIB, ParamMeta, flatten, plan_buckets, unflatten
+from actors.sync_check import check_synced_logprobs, teacher_forced_logprobs
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="GPU tier: torch.cuda.is_available() is False here")
@@ -203,7 +203,7 @@ def test_student_trainer_step_on_gpu(tiny_models, rollout_table):
 @needs_deepspeed
 def test_zero3_buckets_hold_the_full_weights(tiny_models):
     """Under ZeRO-3 each parameter is partitioned; the sender's buckets must hold the gathered full tensors."""
-    from actors.nccl_sync import iter_student_buckets, param_metas
+    from actors.sync_buckets import iter_student_buckets, param_metas
     from eopd_ray.models import load_causal_lm, load_tokenizer
 
     _, student_dir = tiny_models
@@ -337,7 +337,7 @@ def test_vllm_generate_returns_arrays_and_reference_logprobs(vllm_model, vllm_en
 def test_vllm_logprobs_follow_weights_loaded_over_cuda_ipc(vllm_model, vllm_engine):
     """The colocated sync path into a real engine: new weights through IPC buckets, then the engine's
     teacher-forced log-probs equal those of a transformers model holding the same weights."""
-    from actors.nccl_sync import device_uuid, ipc_handle, param_metas
+    from actors.sync_buckets import device_uuid, ipc_handle, param_metas
     from eopd_ray.models import load_causal_lm, load_tokenizer
 
     student_dir = vllm_model

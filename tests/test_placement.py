@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from eopd_ray.config import ConfigError, load_config
-from eopd_ray.placement import COLOCATED_SHARE, PlacementError, format_plan, plan_placement
+from eopd_ray.placement import COLOCATED_SHARE, PlacementError, cpu_block, format_plan, plan_placement
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
@@ -92,7 +92,7 @@ def test_impossible_plans_are_refused_naming_the_value_and_a_fix(overrides, fiel
     (["placement.mode=gpu"], "placement.mode='gpu'"),
     (["placement.gpus_per_node=8"], "placement.gpus_per_node=8"),          # GPUs given but mode cpu
     (["placement.mode=disaggregated"], "placement.gpus_per_node=0"),       # mode given but no GPUs
-    (["rollout.engine=vllm"], "rollout.engine='vllm'"),                    # vLLM on the CPU default
+    (["rollout.engine=vllm", "rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size=2"),  # TP on CPU
     (["rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size=2"),  # TP with transformers
     (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization=1.5"),
     (["placement.num_nodes=0"], "placement.num_nodes=0"),
@@ -101,6 +101,14 @@ def test_bad_placement_fields_name_the_field(overrides, fragment):
     with pytest.raises(ConfigError) as err:
         _cfg(*overrides)
     assert fragment in str(err.value) and "allowed" in str(err.value)
+
+
+def test_vllm_runs_on_cpu_placement_and_cpu_blocks_share_out_the_cores():
+    cfg = _cfg("rollout.engine=vllm", "rollout.num_workers=2")
+    assert not plan_placement(cfg).has_gpus  # vLLM's CPU backend: the config no longer refuses it
+    assert [cpu_block(r, 0.5, [0, 1]) for r in range(3)] == [[0], [1], [0]]  # one core each, wrapping around
+    assert [cpu_block(r, 2, [4, 5, 6]) for r in range(2)] == [[4, 5], [6, 4]]
+    assert cpu_block(0, 8, [0, 1]) == [0, 1]  # never more cores than the node has
 
 
 def test_format_plan_names_every_actor_and_node():

@@ -63,7 +63,8 @@ def _rows(actors, prompts):
 
 
 def test_broadcast_sync_reaches_every_engine_and_stale_engines_are_caught(driver_actors, tiny_models):
-    from actors.nccl_sync import NcclWeightSync, SyncCheckError
+    from actors.nccl_sync import NcclWeightSync
+    from actors.sync_check import SyncCheckError
 
     drv, cfg, actors, sampler = driver_actors
     assert isinstance(actors.sync, NcclWeightSync)
@@ -75,9 +76,9 @@ def test_broadcast_sync_reaches_every_engine_and_stale_engines_are_caught(driver
     _, student = tiny_models
     ray.get(actors.rollouts.call("load_model", student))
     with pytest.raises(SyncCheckError, match="differ after the weight sync"):
-        actors.sync.verify(prompts, responses, float32=True)
+        actors.sync.verify(prompts, responses, dtype="float32")
     actors.sync.sync()  # every ZeRO-3 rank joins the gathers; rank 0 broadcasts bucket by bucket
-    assert actors.sync.verify(prompts, responses, float32=True)["sync/check_max_abs"] < 1e-5
+    assert actors.sync.verify(prompts, responses, dtype="float32")["sync/check_max_abs"] < 1e-5
 
     # An engine leaves and a new one joins (elastic): the group is rebuilt over the new members.
     ray.kill(actors.rollouts.actors[1], no_restart=True)
@@ -86,9 +87,9 @@ def test_broadcast_sync_reaches_every_engine_and_stale_engines_are_caught(driver
     joined = actors.rollouts.grow(2, wait_s=120.0)
     assert len(joined) == 1 and len(actors.rollouts) == 2
     with pytest.raises(SyncCheckError):  # the newcomer loaded the initial student from disk
-        actors.sync.verify(prompts, responses, float32=True)
+        actors.sync.verify(prompts, responses, dtype="float32")
     actors.sync.sync()
-    assert actors.sync.verify(prompts, responses, float32=True)["sync/check_max_abs"] < 1e-5
+    assert actors.sync.verify(prompts, responses, dtype="float32")["sync/check_max_abs"] < 1e-5
 
 
 def test_job_with_broadcast_sync_equals_the_object_store_sync(tmp_path, tiny_models):
