@@ -1,10 +1,13 @@
-"""Fault injection for the fault-tolerance tests: kill this worker process at a chosen call.
+"""Fault injection for the fault-tolerance tests: kill this worker process at a chosen call, or make one
+call misbehave in a named way.
 
 EOPD_FAULT_INJECT names a JSON file holding a list of faults such as [{"role": "rollout", "call": 2}]. The
 entries of one role fire in order: a worker of that role reaching the `call`-th call (1-based, counted per
-process) of the role's first remaining entry removes that entry from the file (under a file lock) and kills
-itself with SIGKILL, so each entry fires exactly once. Roles: rollout, rollout_eval (evaluation calls),
-teacher, student. Without the variable this is a no-op costing one dict lookup.
+process) of the role's first remaining entry removes that entry from the file (under a file lock), so each
+entry fires exactly once. `maybe_fail(role)` then kills the process with SIGKILL (roles: rollout,
+rollout_eval (evaluation calls), teacher, student); `injected(role)` returns True instead and the caller
+misbehaves (role stale_tied_head: a vLLM weight update leaves the tied output head out, the bug the post-sync
+check must catch). Without the variable both are no-ops costing one dict lookup.
 """
 
 from __future__ import annotations
@@ -19,27 +22,33 @@ _calls: Counter = Counter()
 
 
 def maybe_fail(role: str) -> None:
+    if injected(role):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def injected(role: str) -> bool:
+    """True when a fault of `role` fires at this call (and removes it from the file)."""
     path = os.environ.get("EOPD_FAULT_INJECT")
     if not path:
-        return
+        return False
     _calls[role] += 1
     try:
         fh = open(path, "r+", encoding="utf-8")
     except OSError:
-        return
+        return False
     with fh:
         # Workers of one role reach their call at the same moment: the lock makes exactly one of them fire.
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             faults = json.load(fh)
         except ValueError:
-            return
+            return False
         i = next((i for i, fault in enumerate(faults) if fault.get("role") == role), None)
         if i is None or _calls[role] < int(faults[i].get("call", 1)):
-            return
+            return False
         fh.seek(0)
         json.dump(faults[:i] + faults[i + 1:], fh)
         fh.truncate()
         fh.flush()
         os.fsync(fh.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
+    return True

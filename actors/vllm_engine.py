@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from actors.faults import injected
 from actors.rollout_engine import EngineUnusableError, Generation, RolloutEngine, SamplingParams
 from actors.sync_buckets import metas_to_wire
 from eopd_ray.models import checkpoint_aliases, checkpoint_shapes
@@ -265,7 +266,8 @@ class VLLMEngine(RolloutEngine):
                                       f"(it may hold a mix of old and new weights): {exc}") from exc
 
     def _update(self, **info) -> None:
-        self._rpc("update_weights", dict(info, aliases=self.aliases))
+        aliases = {} if injected("stale_tied_head") else self.aliases  # fault tests: the old tied-head bug
+        self._rpc("update_weights", dict(info, aliases=aliases))
 
     def weight_sync_begin(self) -> None:
         self._check_usable()

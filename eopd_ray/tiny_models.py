@@ -59,7 +59,7 @@ class TinyModelSpec:
 
     hidden_size: int = 128  # model width
     num_layers: int = 2  # transformer blocks
-    num_heads: int = 8  # attention heads (head_dim = hidden_size // num_heads)
+    num_heads: int = 4  # attention heads; head_dim = hidden_size // num_heads = 32, a size vLLM's CPU attention takes
     intermediate_size: int = 0  # MLP width; 0 = 4 x hidden_size
     steps: int = 800  # AdamW steps of cross entropy on responses (+ eos)
     lr: float = 1e-3  # peak learning rate (linear warmup, cosine to 10%)
@@ -75,7 +75,7 @@ class TinyModelsConfig:
 
     teacher: TinyModelSpec = field(default_factory=TinyModelSpec)
     student: TinyModelSpec = field(default_factory=lambda: TinyModelSpec(
-        hidden_size=96, num_layers=2, num_heads=8, steps=700, lr=1e-3, targets="soft", label_smoothing=0.1))
+        hidden_size=96, num_layers=2, num_heads=3, steps=700, lr=1e-3, targets="soft", label_smoothing=0.1))
     batch_size: int = 32  # sequences per optimizer step
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_frac: float = 0.05  # share of steps with linear warmup
