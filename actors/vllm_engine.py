@@ -56,6 +56,18 @@ def _request_seed(seed: int, i: int) -> int:
     return (seed * 1_000_003 + i * 7_919) % (2**31 - 1)
 
 
+def vllm_requests(prompt_ids: list[np.ndarray], params: SamplingParams) -> tuple[list[dict], list]:
+    """The token prompts and per-request vLLM SamplingParams of one `generate` call (the seed of request i
+    depends only on (params.seed, i)); `logprobs=0` returns the sampled token's log-prob."""
+    from vllm import SamplingParams as VllmSamplingParams
+
+    requests = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids]
+    sampling = [VllmSamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
+                                   max_tokens=params.max_new_tokens, logprobs=0, detokenize=False,
+                                   seed=_request_seed(params.seed, i)) for i in range(len(requests))]
+    return requests, sampling
+
+
 def vllm_version() -> str:
     import vllm
 
@@ -76,6 +88,35 @@ def require_vllm() -> None:
     if Version(version) < Version(MIN_VLLM):
         raise ImportError(f"rollout.engine=vllm needs vLLM >= {MIN_VLLM} (weight-transfer sessions); "
                           f"installed {version}")
+
+
+def check_servable(paths: list[str], trust_remote_code: bool, on_cpu: bool) -> None:
+    """Before any actor starts: vLLM is installed and new enough, and on CPU its attention takes every model's
+    head size (vLLM refuses others only when an engine starts: "Unsupported CPU attention configuration").
+    Raises ConfigError naming the value, what is allowed and the fix."""
+    from transformers import AutoConfig
+
+    from eopd_ray.config import ConfigError
+
+    try:
+        require_vllm()
+    except ImportError as exc:
+        raise ConfigError(f"config value rollout.engine='vllm' cannot run here: {exc}") from None
+    if not on_cpu:
+        return
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = list(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):  # another layout of vLLM's CPU backend: let the engine decide
+        return
+    for path in paths:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config()
+        head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if head not in sizes:
+            raise ConfigError(f"config value rollout.engine='vllm' is invalid for model {path}: vLLM's CPU attention "
+                              f"takes head sizes {sizes}, this model has head_dim={head}. Fix: use "
+                              "rollout.engine=transformers for this model, or a model with a supported head size")
 
 
 class VLLMEngine(RolloutEngine):
@@ -182,15 +223,9 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompt_ids: list[np.ndarray], params: SamplingParams) -> Generation:
         """prompt_ids: P arrays of token ids -> per prompt the sampled ids (T_i,) int32 up to and including
         EOS, their behaviour log-probs (T_i,) float32, and entropy (T_i,) all NaN (see the module doc)."""
-        from vllm import SamplingParams as VllmSamplingParams
-
         self._check_usable()
         self.wake_up()
-        requests = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids]
-        sampling = [VllmSamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
-                                       max_tokens=params.max_new_tokens, logprobs=0, detokenize=False,
-                                       seed=_request_seed(params.seed, i)) for i in range(len(requests))]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        outputs = self.llm.generate(*vllm_requests(prompt_ids, params), use_tqdm=False)
         out = Generation([], [], [])
         for request in outputs:  # vLLM returns the outputs in request order
             completion = request.outputs[0]

@@ -34,9 +34,14 @@ def training_curves(rows: list[dict], path: Path, title: str = "") -> Path:
     return path
 
 
-def entropy_histograms(eval_results: dict, path: Path, threshold: float = 1.0) -> Path:
+def entropy_histograms(eval_results: dict, path: Path, threshold: float = 1.0) -> Path | None:
+    """Figure 3 of the paper from the evaluation's entropy histograms; None (no file) when no model's engine
+    reported entropies (vLLM returns none)."""
+    measured = {n: r for n, r in eval_results.items() if sum(r["entropy_hist"]) > 0}
+    if not measured:
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, res in eval_results.items():
+    for name, res in measured.items():
         hist = np.asarray(res["entropy_hist"], dtype=float)
         edges = np.asarray(res["entropy_edges"])
         dens = hist / max(hist.sum(), 1)

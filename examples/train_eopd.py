@@ -42,7 +42,7 @@ from eopd_ray.batch import list_rows  # noqa: E402
 from eopd_ray.config import OFF_POLICY_OBJECTIVES, ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402
 from eopd_ray.data import DataError, PromptSampler, load_rows, synthetic_rows, tokenize_rows  # noqa: E402
 from eopd_ray.models import architecture_mismatch, load_tokenizer, output_rows  # noqa: E402
-from eopd_ray.placement import format_plan  # noqa: E402
+from eopd_ray.placement import format_plan, plan_placement  # noqa: E402
 from eopd_ray.plots import entropy_histograms, training_curves  # noqa: E402
 from eopd_ray.run_io import MetricsLog, OutputDirError, check_out_dir, save_config, write_results  # noqa: E402
 from eopd_ray.vocab import VocabMismatchError, shared_vocab_size  # noqa: E402
@@ -271,13 +271,17 @@ def check_sync(cfg, actors: Actors, rollout_ref, rows: int = 4) -> dict:
 
 
 def eval_report(results: dict, threshold: float) -> list[str]:
-    """One line per model, then how each student's share of high-entropy tokens compares with the teacher's."""
+    """One line per model, then how each student's share of high-entropy tokens compares with the teacher's
+    (n/a where the engine gives no entropies: vLLM)."""
+    share = {n: r["high_entropy_fraction"] for n, r in results.items()
+             if r["high_entropy_fraction"] is not None and np.isfinite(r["high_entropy_fraction"])}
     lines = [f"eval {name:16s} Avg@{r['k']}={r['avg_at_k']:.3f} Pass@{r['k']}={r['pass_at_k']:.3f} "
-             f"tokens with entropy >= {threshold:g}: {100 * r['high_entropy_fraction']:.1f}%"
+             f"tokens with entropy >= {threshold:g}: "
+             + (f"{100 * share[name]:.1f}%" if name in share else "n/a (the engine gives no entropies)")
              for name, r in results.items()]
-    teacher = results["teacher"]["high_entropy_fraction"] if "teacher" in results else None  # eval.teacher
+    teacher = share.get("teacher")  # absent with eval.teacher=false or a vLLM engine
     for name in ("student_initial", "student") if teacher is not None else ():
-        frac = results[name]["high_entropy_fraction"]
+        frac = share[name]
         lines.append(f"{name} keeps {frac / teacher:.2f}x the teacher's share of high-entropy tokens "
                      f"({100 * frac:.1f}% vs {100 * teacher:.1f}%)" if teacher > 0 else
                      f"{name}: {100 * frac:.1f}% high-entropy tokens; the teacher has none")
@@ -306,6 +310,11 @@ def main(argv=None) -> int:
             raise checkpoint.CheckpointError(f"checkpoint {ckpt} belongs to another model ({'; '.join(diff)}); resume "
                                     "with the model.student it was trained from, or start a new --out")
         sampler, eval_recs = load_data(cfg, tokenizer)
+        if cfg.rollout.engine == "vllm":  # installed, and able to serve both models (teacher: evaluation, kd)
+            from actors.vllm_engine import check_servable
+
+            check_servable([models.student_path, models.teacher_path], cfg.model.trust_remote_code,
+                           not plan_placement(cfg).has_gpus)
     except (ConfigError, DataError, VocabMismatchError, OutputDirError, checkpoint.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -211,3 +211,14 @@ def test_names_are_checked_and_a_failed_update_leaves_the_engine_unusable(paths,
         engine.generate(prompts[:1], SamplingParams(1.0, 1.0, 8, seed=0))
     with pytest.raises(EngineUnusableError):
         engine.score_tokens(prompts[:1], [np.array([5, 6])])
+
+
+def test_models_vllm_cannot_serve_are_refused_before_any_actor_starts(tmp_path, paths):
+    from actors.vllm_engine import check_servable
+    from eopd_ray.config import ConfigError
+    from tests.family_models import build_family_model
+
+    check_servable([paths["tied"], paths["untied"]], False, on_cpu=True)  # head_dim 32
+    head8 = str(build_family_model(tmp_path / "qwen3", "qwen3"))  # head_dim 8
+    with pytest.raises(ConfigError, match=r"head_dim=8.*rollout.engine=transformers"):
+        check_servable([paths["tied"], head8], False, on_cpu=True)

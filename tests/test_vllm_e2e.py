@@ -46,6 +46,8 @@ def test_job_on_two_vllm_engines_trains_syncs_checkpoints_and_evaluates(vllm_run
     samples = [results["eval"][name]["samples"] for name in ("teacher", "student_initial", "student")]
     assert samples[0] != samples[1] != samples[2]
     assert [c.name for c in sorted((out / "checkpoints").glob("step_*"))] == ["step_000003"]
+    assert "tokens with entropy >= 1: n/a (the engine gives no entropies)" in proc.stdout
+    assert not (out / "entropy_hist.png").exists() and (out / "training_curves.png").exists()
 
 
 def test_resume_on_vllm_equals_the_uninterrupted_run(vllm_run, tmp_path, tiny_models):

@@ -19,6 +19,7 @@ target is missed: the figures are measurements, not assertions).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,7 +32,9 @@ sys.path.insert(0, str(HERE))
 
 import _common as C  # noqa: E402
 
-BENCHMARKS = ("loss_overhead", "pipeline_overhead", "rollout_throughput", "teacher_scoring", "weight_sync")
+BENCHMARKS = ("loss_overhead", "pipeline_overhead", "rollout_throughput", "teacher_scoring", "weight_sync",
+              "vllm_rollout")
+NEEDS_VLLM = ("vllm_rollout",)  # skipped (and said so) where vLLM is not installed
 
 
 def parse_args(argv=None):
@@ -93,6 +96,10 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: --only {','.join(unknown)}: unknown; allowed: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
+    if importlib.util.find_spec("vllm") is None:
+        for name in [n for n in names if n in NEEDS_VLLM]:
+            print(f"[run_all] {name}: skipped, vLLM is not installed (README: 'vLLM on a CPU machine')", flush=True)
+            names.remove(name)
     if not (args.teacher and args.student):  # build the tiny pair once, before any timing starts
         args.teacher, args.student = C.tiny_pair(args.teacher, args.student)
     t0 = time.perf_counter()
