@@ -354,9 +354,11 @@ def test_vllm_logprobs_follow_weights_loaded_over_cuda_ipc(vllm_model, vllm_engi
         check_synced_logprobs(before, ref)  # the engine does not hold these weights yet
     metas = param_metas(model, "bfloat16")
     tensors = dict(model.named_parameters())
+    vllm_engine.weight_sync_begin()  # one weight-update session for all buckets, as IpcWeightSync does
     for idx in plan_buckets(metas, 4 * MIB):
         bucket = [metas[i] for i in idx]
         flat = flatten([tensors[m.name].detach() for m in bucket], torch.bfloat16, "cuda")
         torch.cuda.synchronize()
         vllm_engine.receive_ipc_bucket(bucket, {device_uuid(): ipc_handle(flat)})
+    vllm_engine.weight_sync_end()
     check_synced_logprobs(vllm_engine.score_tokens(prompts, responses), ref)
