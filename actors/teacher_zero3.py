@@ -43,6 +43,24 @@ def zero3_inference_config(dtype: str, offload: str, persistence_threshold: int,
     }
 
 
+def _rebuild_buffers(model: torch.nn.Module) -> None:
+    """Recompute the buffers of parameter-free submodules built from the config (rotary embeddings) outside
+    zero.Init. Under zero.Init every floating tensor is created in the ZeRO dtype, so a rotary table that a
+    plain load computes in float32 came out rounded to bf16 (transformers 5.19 with DeepSpeed 0.19.8: 1e-4 in
+    the frequencies, 1e-2 nats in the teacher's log-probs against the whole bf16 teacher)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or next(module.parameters(recurse=False), None) is not None \
+                or not any(b is not None for b in module.buffers(recurse=False)):
+            continue
+        try:
+            fresh = type(module)(config)
+        except TypeError:  # another constructor: leave it as built
+            continue
+        for name, buf in fresh.named_buffers(recurse=False):
+            module._buffers[name] = buf
+
+
 class ShardedTeacherScorer(TeacherScorer):
     def __init__(self, model_path: str, top_k: int, vocab_size: int, pad_id: int, rank: int, world_size: int,
                  chunk_size: int = 1024, dtype: str = "float32", trust_remote_code: bool = False,
@@ -72,6 +90,7 @@ class ShardedTeacherScorer(TeacherScorer):
         # Held: the engine's destructor removes the ZeRO-3 hooks that gather each layer's parameters.
         self.engine = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)[0]
         model = self.engine.module
+        _rebuild_buffers(model)
         # zero.Init places parameters; buffers (rotary tables, ...) stay wherever the constructor put them.
         for module in model.modules():
             for name, buf in list(module.named_buffers(recurse=False)):

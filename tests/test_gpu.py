@@ -15,6 +15,7 @@ import torch
 
 from actors.sync_buckets import MIB, ParamMeta, flatten, plan_buckets, unflatten
 from actors.sync_check import check_synced_logprobs, teacher_forced_logprobs
+from tests.isolation import reset_distributed
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="GPU tier: torch.cuda.is_available() is False here")
@@ -130,19 +131,6 @@ def test_teacher_scorer_on_gpu_matches_float64_cpu_reference(tiny_models, rollou
         assert float(np.concatenate(ent_diffs).mean()) < 0.05
 
 
-def _reset_distributed() -> None:
-    """Leave the process group so that the next trainer in this process starts a fresh one. DeepSpeed caches
-    its world and data-parallel groups at module level; a new trainer would find the destroyed ones there."""
-    import deepspeed.utils.groups as ds_groups
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
-                 "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
-        setattr(ds_groups, name, None)
-
-
 def _gpu_trainer(student_dir, tok, zero_stage: int, dtype: str, lr: float = 1e-3):
     from actors.student import StudentTrainer, free_port
     from eopd_ray.config import load_config
@@ -184,7 +172,7 @@ def test_student_trainer_step_on_gpu(tiny_models, rollout_table):
                        batch.response_mask_BT, cfg.loss)
     metrics = tr.train_step(0, 1, table, scored)
     assert metrics["loss/total"] == pytest.approx(float(ref), rel=1e-3, abs=1e-5)
-    _reset_distributed()
+    reset_distributed()
 
     tr3, _ = _gpu_trainer(student_dir, tok, 3, "bfloat16")
     import deepspeed
@@ -196,7 +184,7 @@ def test_student_trainer_step_on_gpu(tiny_models, rollout_table):
     assert np.isfinite(m3["loss/total"])
     with deepspeed.zero.GatheredParameters(params):
         assert any(not torch.equal(b, p.detach().float()) for b, p in zip(before, params))
-    _reset_distributed()
+    reset_distributed()
 
 
 @pytest.mark.gpu
@@ -218,7 +206,7 @@ def test_zero3_buckets_hold_the_full_weights(tiny_models):
             assert torch.equal(t.cpu(), reference[name].detach().to(torch.bfloat16)), name
             seen += 1
     assert seen == len(reference)
-    _reset_distributed()
+    reset_distributed()
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ import torch
 from actors.rollout_engine import EngineUnusableError, SamplingParams
 from actors.sync_buckets import GlooComm, flatten, param_metas, plan_buckets
 from actors.sync_check import SyncCheckError, check_synced_logprobs, sync_limits
+from tests.isolation import reset_distributed
 
 pytestmark = pytest.mark.vllm
 ATOL = 1e-4
@@ -71,11 +72,13 @@ def paths(tiny_models, tmp_path_factory):
 def engines(paths):
     from actors.vllm_engine import VLLMEngine
 
+    reset_distributed()  # an engine in this process would adopt a group another test left behind
     built = {kind: VLLMEngine(path, dtype="float32", max_model_len=128, seed=0, kv_cache_gib=0.25, cpu_ids=[0])
              for kind, path in paths.items()}
     yield built
     for engine in built.values():
         engine.shutdown()
+    reset_distributed()
 
 
 @pytest.fixture(scope="module")

@@ -101,17 +101,20 @@ def test_the_runs_hf_checkpoint_loads_in_vllm_and_transformers_alike(vllm_run, t
     from eopd_ray.data import synthetic_rows, tokenize_rows
     from eopd_ray.models import load_causal_lm, load_tokenizer
     from test_vllm import float64_logprobs
+    from tests.isolation import reset_distributed
 
     out, _ = vllm_run
     hf = str(sorted((out / "checkpoints").glob("step_*"))[-1] / "hf")
     recs = tokenize_rows(synthetic_rows(4, 5, "test"), load_tokenizer(hf), 64, "synthetic")
     prompts = [np.asarray(r.prompt_ids) for r in recs]
+    reset_distributed()
     engine = VLLMEngine(hf, dtype="float32", max_model_len=128, kv_cache_gib=0.25, cpu_ids=[0])
     try:
         gen = engine.generate(prompts, SamplingParams(1.0, 1.0, 16, seed=0))
         scored = engine.score_tokens(prompts, gen.response_ids)
     finally:
         engine.shutdown()
+        reset_distributed()
     ref = float64_logprobs(load_causal_lm(hf), prompts, gen.response_ids)
     _, student = tiny_models
     initial = float64_logprobs(load_causal_lm(student), prompts, gen.response_ids)
