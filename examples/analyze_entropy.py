@@ -27,8 +27,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from actors.rollout import RolloutWorker, SamplingParams  # noqa: E402
-from actors.teacher import TeacherScorer  # noqa: E402
+from actors.rollout.worker import RolloutWorker  # noqa: E402
+from actors.rollout.engine import SamplingParams  # noqa: E402
+from actors.teacher.scorer import TeacherScorer  # noqa: E402
 from eopd_ray import checkpoint  # noqa: E402
 from eopd_ray.batch import list_rows, padded_topk, sequence_batch  # noqa: E402
 from eopd_ray.data import load_rows, synthetic_rows, tokenize_rows  # noqa: E402

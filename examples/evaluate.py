@@ -30,11 +30,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from actors.build import init_ray  # noqa: E402
-from actors.eval_runner import evaluate_on_workers  # noqa: E402
-from actors.group import ActorGroup  # noqa: E402
-from actors.remote import RolloutActor  # noqa: E402
-from actors.rollout import SamplingParams  # noqa: E402
+from actors.driver.build import init_ray  # noqa: E402
+from actors.driver.evaluation import evaluate_on_workers  # noqa: E402
+from actors.runtime.group import ActorGroup  # noqa: E402
+from actors.rollout.actor import RolloutActor  # noqa: E402
+from actors.rollout.engine import SamplingParams  # noqa: E402
 from eopd_ray.benchmarks import BENCHMARKS, load_benchmark  # noqa: E402
 from eopd_ray.data import DataError, synthetic_rows, tokenize_rows  # noqa: E402
 from eopd_ray.evaluation import pass_at_k  # noqa: E402

@@ -28,15 +28,15 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from actors.group import ActorGroup  # noqa: E402
-from actors.build import (ResolvedModels, build_rollouts, build_students, build_teachers, build_weight_sync,  # noqa: E402
-                          init_ray)
-from actors.eval_runner import evaluate_on_workers  # noqa: E402
-from actors.sync_check import SyncCheckError  # noqa: E402
-from actors.rollout import SamplingParams  # noqa: E402
-from actors.scoring import score_rollouts  # noqa: E402
-from actors.student import NonFiniteLossError  # noqa: E402
-from actors.weight_sync import WeightSync  # noqa: E402
+from actors.runtime.group import ActorGroup  # noqa: E402
+from actors.driver.build import (ResolvedModels, build_rollouts, build_students, build_teachers,  # noqa: E402
+                                 build_weight_sync, init_ray)
+from actors.driver.evaluation import evaluate_on_workers  # noqa: E402
+from actors.sync.check import SyncCheckError  # noqa: E402
+from actors.rollout.engine import SamplingParams  # noqa: E402
+from actors.driver.scoring import score_rollouts  # noqa: E402
+from actors.student.trainer import NonFiniteLossError  # noqa: E402
+from actors.sync.base import WeightSync  # noqa: E402
 from eopd_ray import checkpoint  # noqa: E402
 from eopd_ray.batch import list_rows  # noqa: E402
 from eopd_ray.config import OFF_POLICY_OBJECTIVES, ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
                                     "with the model.student it was trained from, or start a new --out")
         sampler, eval_recs = load_data(cfg, tokenizer)
         if cfg.rollout.engine == "vllm":  # installed, and able to serve both models (teacher: evaluation, kd)
-            from actors.vllm_engine import check_servable
+            from actors.rollout.vllm_engine import check_servable
 
             check_servable([models.student_path, models.teacher_path], cfg.model.trust_remote_code,
                            not plan_placement(cfg).has_gpus)

@@ -67,7 +67,7 @@ class _NaNEngine:
         self.nan_entropy = nan_entropy
 
     def generate(self, prompt_ids, params):
-        from actors.rollout import Generation
+        from actors.rollout.engine import Generation
 
         responses = [np.array([5, 6, 7][: 1 + i % 3], dtype=np.int64) for i in range(len(prompt_ids))]
         ent = [np.full(len(r), np.nan, np.float32) if self.nan_entropy
@@ -79,7 +79,7 @@ class _NaNEngine:
 
 
 def _worker(engine):
-    from actors.rollout import RolloutWorker
+    from actors.rollout.worker import RolloutWorker
 
     class _Tok:
         def batch_decode(self, rows, skip_special_tokens=True):
@@ -91,7 +91,7 @@ def _worker(engine):
 
 
 def test_rollout_stats_and_evaluate_tolerate_nan_entropy():
-    from actors.rollout import SamplingParams
+    from actors.rollout.engine import SamplingParams
 
     params = SamplingParams(1.0, 1.0, 4, seed=0)
     prompts = [np.array([1, 2], dtype=np.int64)] * 4
@@ -111,7 +111,7 @@ def test_rollout_stats_and_evaluate_tolerate_nan_entropy():
 
 
 def test_eval_runner_combines_fractions_nan_safely():
-    from actors.eval_runner import combine_fractions
+    from actors.driver.evaluation import combine_fractions
 
     part = lambda f, n, g=None: {"high_entropy_fraction": f, "num_tokens": n,  # noqa: E731
                                  "num_generated_tokens": n if g is None else g}

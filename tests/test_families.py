@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from actors.rollout import RolloutWorker, SamplingParams
-from actors.student import StudentTrainer, free_port
-from actors.teacher import TeacherScorer
+from actors.rollout.worker import RolloutWorker
+from actors.rollout.engine import SamplingParams
+from actors.runtime.dist import free_port
+from actors.student.trainer import StudentTrainer
+from actors.teacher.scorer import TeacherScorer
 from eopd_ray.batch import list_rows, make_rollout_table
 from eopd_ray.config import load_config
 from eopd_ray.models import check_output_head, load_causal_lm, load_tokenizer, output_head
@@ -125,7 +127,7 @@ def test_padded_ids_from_an_engine_end_the_response_before_them(family_dirs):
     """vLLM samples over the padded rows too. An engine that does so (the transformers engine with its
     suppression switched off, on a random model whose padded rows carry real mass) gives responses that
     the worker ends before their first padded id, keeping the prefix's ids and log-probs as they were."""
-    from actors.rollout import cut_at_padded_ids
+    from actors.rollout.engine import cut_at_padded_ids
 
     tok = load_tokenizer(family_dirs["llama"])
     worker = RolloutWorker(family_dirs["llama"], vocab_size=len(tok), num_threads=1)
@@ -174,7 +176,7 @@ def test_job_distils_a_gemma2_teacher_into_a_llama_student_through_ray(tmp_path)
 def test_broadcast_receiver_names_parameters_it_cannot_take(family_dirs):
     """Checked before any bucket moves: the same model matches; extra, missing and reshaped parameters are
     each named."""
-    from actors.sync_buckets import ParamMeta, param_metas
+    from actors.sync.buckets import ParamMeta, param_metas
 
     tok = load_tokenizer(family_dirs["llama"])
     engine = RolloutWorker(family_dirs["llama"], vocab_size=len(tok), num_threads=1).engine

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from actors.sync_buckets import MIB, ParamMeta, flatten, plan_buckets, unflatten
-from actors.sync_check import check_synced_logprobs, teacher_forced_logprobs
+from actors.sync.buckets import MIB, ParamMeta, flatten, plan_buckets, unflatten
+from actors.sync.check import check_synced_logprobs, teacher_forced_logprobs
 from tests.isolation import reset_distributed
 
 HAS_CUDA = torch.cuda.is_available()
@@ -73,7 +73,8 @@ def test_sync_check_accepts_bf16_noise_and_rejects_other_weights(tiny_models):
 
 @pytest.fixture(scope="module")
 def rollout_table(tiny_models):
-    from actors.rollout import RolloutWorker, SamplingParams
+    from actors.rollout.worker import RolloutWorker
+    from actors.rollout.engine import SamplingParams
     from eopd_ray.data import synthetic_rows, tokenize_rows
     from eopd_ray.models import load_tokenizer
 
@@ -90,7 +91,7 @@ def rollout_table(tiny_models):
 @needs_cuda
 @pytest.mark.parametrize("dtype, atol", [("float32", 2e-4), ("bfloat16", None)])
 def test_teacher_scorer_on_gpu_matches_float64_cpu_reference(tiny_models, rollout_table, dtype, atol):
-    from actors.teacher import TeacherScorer
+    from actors.teacher.scorer import TeacherScorer
     from eopd_ray.batch import list_rows
     from eopd_ray.models import load_causal_lm
 
@@ -132,7 +133,8 @@ def test_teacher_scorer_on_gpu_matches_float64_cpu_reference(tiny_models, rollou
 
 
 def _gpu_trainer(student_dir, tok, zero_stage: int, dtype: str, lr: float = 1e-3):
-    from actors.student import StudentTrainer, free_port
+    from actors.runtime.dist import free_port
+    from actors.student.trainer import StudentTrainer
     from eopd_ray.config import load_config
 
     cfg = load_config(None, ["trainer.batch_size=16", "trainer.mini_batch_size=16", "trainer.max_steps=3",
@@ -147,7 +149,7 @@ def _gpu_trainer(student_dir, tok, zero_stage: int, dtype: str, lr: float = 1e-3
 @needs_deepspeed
 def test_student_trainer_step_on_gpu(tiny_models, rollout_table):
     """One DeepSpeed step on the GPU: fp32 ZeRO-0 equals the float32 CPU loss; bf16 ZeRO-3 trains."""
-    from actors.teacher import TeacherScorer
+    from actors.teacher.scorer import TeacherScorer
     from eopd_ray.batch import list_rows, padded_float, padded_topk, sequence_batch
     from eopd_ray.losses import TokenStats, eopd_loss
     from eopd_ray.models import load_causal_lm
@@ -191,7 +193,7 @@ def test_student_trainer_step_on_gpu(tiny_models, rollout_table):
 @needs_deepspeed
 def test_zero3_buckets_hold_the_full_weights(tiny_models):
     """Under ZeRO-3 each parameter is partitioned; the sender's buckets must hold the gathered full tensors."""
-    from actors.sync_buckets import iter_student_buckets, param_metas
+    from actors.sync.buckets import iter_student_buckets, param_metas
     from eopd_ray.models import load_causal_lm, load_tokenizer
 
     _, student_dir = tiny_models
@@ -220,7 +222,7 @@ def test_zero3_teacher_on_gpus_equals_the_whole_teacher(tmp_path, world, offload
     the whole-model teacher on one GPU."""
     import pyarrow as pa
 
-    from actors.teacher import TeacherScorer
+    from actors.teacher.scorer import TeacherScorer
     from eopd_ray.models import load_tokenizer
     from tests.family_models import build_family_model
     from tests.test_families import _table
@@ -251,7 +253,7 @@ def test_zero3_teacher_on_gpus_equals_the_whole_teacher(tmp_path, world, offload
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_ipc_buckets_reach_another_process_on_the_same_gpu():
-    from actors.sync_selftest import run_ipc_roundtrip
+    from actors.sync.selftest import run_ipc_roundtrip
 
     res = run_ipc_roundtrip(total_mb=64, bucket_mb=16)
     assert res["equal"] and res["buckets"] >= 4
@@ -261,7 +263,7 @@ def test_cuda_ipc_buckets_reach_another_process_on_the_same_gpu():
 
 def test_two_process_bucketed_broadcast_over_gloo_is_bit_exact():
     """The same bucket plan, flatten and receive_buckets as the NCCL broadcast, between two CPU processes."""
-    from actors.sync_selftest import run_two_process_broadcast
+    from actors.sync.selftest import run_two_process_broadcast
 
     res = run_two_process_broadcast(total_mb=24, bucket_mb=4, backend="gloo")
     assert res["equal"] and res["buckets"] >= 4 and res["bytes"] >= 24 * MIB
@@ -270,7 +272,7 @@ def test_two_process_bucketed_broadcast_over_gloo_is_bit_exact():
 @pytest.mark.gpu
 @needs_two_gpus
 def test_two_process_nccl_broadcast_is_bit_exact():
-    from actors.sync_selftest import run_two_process_broadcast
+    from actors.sync.selftest import run_two_process_broadcast
 
     res = run_two_process_broadcast(total_mb=256, bucket_mb=64)
     assert res["equal"] and res["buckets"] >= 4
@@ -293,7 +295,7 @@ def vllm_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def vllm_engine(vllm_model):
-    from actors.vllm_engine import VLLMEngine
+    from actors.rollout.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(vllm_model, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=256)
     yield engine
@@ -303,7 +305,7 @@ def vllm_engine(vllm_model):
 @pytest.mark.gpu
 @needs_vllm
 def test_vllm_generate_returns_arrays_and_reference_logprobs(vllm_model, vllm_engine):
-    from actors.rollout import SamplingParams
+    from actors.rollout.engine import SamplingParams
     from eopd_ray.models import load_causal_lm, load_tokenizer
 
     student_dir = vllm_model
@@ -325,7 +327,7 @@ def test_vllm_generate_returns_arrays_and_reference_logprobs(vllm_model, vllm_en
 def test_vllm_logprobs_follow_weights_loaded_over_cuda_ipc(vllm_model, vllm_engine):
     """The colocated sync path into a real engine: new weights through IPC buckets, then the engine's
     teacher-forced log-probs equal those of a transformers model holding the same weights."""
-    from actors.sync_buckets import device_uuid, ipc_handle, param_metas
+    from actors.sync.buckets import device_uuid, ipc_handle, param_metas
     from eopd_ray.models import load_causal_lm, load_tokenizer
 
     student_dir = vllm_model

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 import pytest
 import ray
 
-from actors.group import ActorGroup
-from actors.scoring import score_rollouts
+from actors.runtime.group import ActorGroup
+from actors.driver.scoring import score_rollouts
 
 pytestmark = pytest.mark.e2e
 

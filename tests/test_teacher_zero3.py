@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actors.student import free_port
-from actors.teacher import TeacherScorer
+from actors.runtime.dist import free_port
+from actors.teacher.scorer import TeacherScorer
 from eopd_ray.batch import list_rows
 from eopd_ray.models import load_tokenizer
 from tests.family_models import build_family_model

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.rollout_engine import EngineUnusableError, SamplingParams
-from actors.sync_buckets import GlooComm, flatten, param_metas, plan_buckets
-from actors.sync_check import SyncCheckError, check_synced_logprobs, sync_limits
+from actors.rollout.engine import EngineUnusableError, SamplingParams
+from actors.sync.buckets import GlooComm, flatten, param_metas, plan_buckets
+from actors.sync.check import SyncCheckError, check_synced_logprobs, sync_limits
 from tests.isolation import reset_distributed
 
 pytestmark = pytest.mark.vllm
@@ -70,7 +70,7 @@ def paths(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(paths):
-    from actors.vllm_engine import VLLMEngine
+    from actors.rollout.vllm_engine import VLLMEngine
 
     reset_distributed()  # an engine in this process would adopt a group another test left behind
     built = {kind: VLLMEngine(path, dtype="float32", max_model_len=128, seed=0, kv_cache_gib=0.25, cpu_ids=[0])
@@ -161,7 +161,7 @@ def test_a_stale_tied_head_is_caught_by_the_float32_check(paths, engines, rows, 
 def test_bucketed_broadcast_over_gloo_reaches_the_engine(kind, paths, engines, rows):
     """The disaggregated path's receive code (the same as over NCCL) with gloo carrying the buckets; buckets
     of 8 KiB split layers across buckets, which vLLM's session must (and does) put back together."""
-    from actors.dist_init import free_port
+    from actors.runtime.dist import free_port
     from eopd_ray.models import load_causal_lm
 
     engine, (prompts, gen) = engines[kind], rows
@@ -197,7 +197,7 @@ def test_bucketed_broadcast_over_gloo_reaches_the_engine(kind, paths, engines, r
 
 def test_names_are_checked_and_a_failed_update_leaves_the_engine_unusable(paths, engines, rows):
     from eopd_ray.models import load_causal_lm
-    from actors.sync_buckets import ParamMeta
+    from actors.sync.buckets import ParamMeta
 
     engine, (prompts, _) = engines["untied"], rows
     model = load_causal_lm(paths["untied"])
@@ -217,7 +217,7 @@ def test_names_are_checked_and_a_failed_update_leaves_the_engine_unusable(paths,
 
 
 def test_models_vllm_cannot_serve_are_refused_before_any_actor_starts(tmp_path, paths):
-    from actors.vllm_engine import check_servable
+    from actors.rollout.vllm_engine import check_servable
     from eopd_ray.config import ConfigError
     from tests.family_models import build_family_model
 

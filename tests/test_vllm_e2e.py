@@ -96,8 +96,8 @@ def test_a_stale_tied_head_stops_the_run_with_exit_code_4(tmp_path, tiny_models,
 
 
 def test_the_runs_hf_checkpoint_loads_in_vllm_and_transformers_alike(vllm_run, tiny_models):
-    from actors.rollout_engine import SamplingParams
-    from actors.vllm_engine import VLLMEngine
+    from actors.rollout.engine import SamplingParams
+    from actors.rollout.vllm_engine import VLLMEngine
     from eopd_ray.data import synthetic_rows, tokenize_rows
     from eopd_ray.models import load_causal_lm, load_tokenizer
     from test_vllm import float64_logprobs

@@ -29,7 +29,7 @@ def _driver():
 def driver_actors(tiny_models):
     """The main job's actors (2 rollout workers, 2 ZeRO-3 student ranks, broadcast sync), built by the
     driver's own functions in this process, and rows the rollout sampled."""
-    from actors.build import init_ray
+    from actors.driver.build import init_ray
     from eopd_ray.config import load_config
 
     drv = _driver()
@@ -50,7 +50,7 @@ def driver_actors(tiny_models):
 
 
 def _rows(actors, prompts):
-    from actors.rollout import SamplingParams
+    from actors.rollout.engine import SamplingParams
     from eopd_ray.batch import list_rows
 
     recs = prompts[:4]
@@ -63,8 +63,8 @@ def _rows(actors, prompts):
 
 
 def test_broadcast_sync_reaches_every_engine_and_stale_engines_are_caught(driver_actors, tiny_models):
-    from actors.nccl_sync import NcclWeightSync
-    from actors.sync_check import SyncCheckError
+    from actors.sync.broadcast import NcclWeightSync
+    from actors.sync.check import SyncCheckError
 
     drv, cfg, actors, sampler = driver_actors
     assert isinstance(actors.sync, NcclWeightSync)

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from actors.rollout import RolloutWorker, SamplingParams
-from actors.student import StudentTrainer, free_port
-from actors.teacher import TeacherScorer
+from actors.rollout.worker import RolloutWorker
+from actors.rollout.engine import SamplingParams
+from actors.runtime.dist import free_port
+from actors.student.trainer import StudentTrainer
+from actors.teacher.scorer import TeacherScorer
 from eopd_ray.batch import ROLLOUT_SCHEMA, TEACHER_SCHEMA, list_rows, payload_bytes_per_position, sequence_batch
 from eopd_ray.config import load_config
 from eopd_ray.data import synthetic_rows, tokenize_rows
@@ -173,7 +175,7 @@ def test_checkpoint_round_trip(setup, trainer, tmp_path):
 def test_non_finite_loss_is_skipped_or_stops(setup, trainer):
     import pyarrow as pa
 
-    from actors.student import NonFiniteLossError
+    from actors.student.trainer import NonFiniteLossError
 
     tr, _, scored = trainer
     col = scored.column("teacher_logprobs").combine_chunks()
@@ -205,7 +207,7 @@ def _new_trainer(setup, *overrides, stage: int = 0, lr: float = 1e-3):
 
 
 def _weights(tr) -> dict:
-    from actors.student_state import _base_optimizer, _full
+    from actors.student.state import _base_optimizer, _full
 
     opt = _base_optimizer(tr.engine)
     return {n: _full(p, None, opt) for n, p in tr.engine.module.named_parameters()}
@@ -237,7 +239,7 @@ def test_training_state_moves_between_zero_stages(setup, trainer, tmp_path, save
 # -- token-budget micro-batches, gradient checkpointing -------------------------------------------------------
 
 def test_split_rows_respects_the_budget_and_the_piece_count():
-    from actors.student import split_rows
+    from actors.student.trainer import split_rows
 
     lengths = [5, 9, 3, 30, 4, 4, 4, 8]
     pieces = split_rows(lengths, 12)
@@ -279,8 +281,8 @@ def test_micro_batches_give_the_update_of_the_whole_share(setup, trainer, monkey
     """Two mini-batches of 8 rows, each cut into several pieces: the accumulated gradients, the weights after
     each single optimizer step and the metrics equal those of one forward per mini-batch. The same check
     with the per-piece token count in place of the mini-batch's global one fails."""
-    from actors import student
-    from actors.student import split_rows
+    from actors.student import trainer as student
+    from actors.student.trainer import split_rows
 
     _, _, scored = trainer
     table = setup["table"]

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.teacher_zero3 import ShardedTeacherScorer  # noqa: E402
+from actors.teacher.zero3 import ShardedTeacherScorer  # noqa: E402
 from eopd_ray.models import load_tokenizer  # noqa: E402
 
 K, CHUNK, MAX_BATCH = 8, 6, 2  # small chunks and row batches: several of each, different counts per rank

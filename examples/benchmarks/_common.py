@@ -432,7 +432,7 @@ def init_local_ray():
     """Local Ray on 127.0.0.1 through the project's own `init_ray` (no dashboard, loopback only)."""
     import ray
 
-    from actors.build import init_ray
+    from actors.driver.build import init_ray
 
     init_ray("")
     return ray

@@ -41,9 +41,9 @@ def run_pass(ctx: dict, threads: int, actor_threads: int | None) -> dict:
     """One interleaved run: Ray pipeline and the phases alone, both built fresh from the model files.
     actor_threads: override the torch threads of every actor (diagnostic; None = the product's setting)."""
     import actors.build as build
-    from actors.rollout import RolloutWorker
-    from actors.student import StudentTrainer, free_port
-    from actors.teacher import TeacherScorer
+    from actors.rollout.worker import RolloutWorker
+    from actors.student.trainer import StudentTrainer, free_port
+    from actors.teacher.scorer import TeacherScorer
 
     te, cfg, models, batches, params = ctx["te"], ctx["cfg"], ctx["models"], ctx["batches"], ctx["params"]
     # ---- Ray: train_eopd.py's own actor build and loop body ------------------------------------------
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                      "rollout_workers": 1, "teacher_workers": 1, "student_ranks": 1}
 
     te = _train_eopd()
-    from actors.rollout import SamplingParams
+    from actors.rollout.engine import SamplingParams
     from eopd_ray.config import load_config
 
     total = steps + 1

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 def bench(name: str, model_path: str, prompts: list[np.ndarray], answers: list[str], max_new: int, reps: int,
           threads: int, report: C.Report, prefix: str) -> None:
-    from actors.rollout import RolloutWorker, SamplingParams
+    from actors.rollout.worker import RolloutWorker
+    from actors.rollout.engine import SamplingParams
 
     worker = RolloutWorker(model_path, num_threads=threads)
     tok, model = worker.tokenizer, worker.engine.model

@@ -79,7 +79,7 @@ def full_logits_score(model, table: pa.Table, vocab: int, pad_id: int) -> pa.Tab
 
 def bench(name: str, model_path: str, rows: int, prompt_len: int, resp_len: int, fixed: bool, reps: int,
           threads: int, report: C.Report, prefix: str, memory_jobs: list) -> None:
-    from actors.teacher import TeacherScorer
+    from actors.teacher.scorer import TeacherScorer
     from eopd_ray.batch import list_rows, payload_bytes_per_position
     from eopd_ray.models import load_tokenizer
 

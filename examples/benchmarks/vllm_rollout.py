@@ -26,8 +26,9 @@ import numpy as np  # noqa: E402
 
 def bench(name: str, model_path: str, prompts: list[np.ndarray], answers: list[str], max_new: int, reps: int,
           threads: int, report: C.Report, prefix: str) -> None:
-    from actors.rollout import RolloutWorker, SamplingParams
-    from actors.vllm_engine import vllm_requests
+    from actors.rollout.worker import RolloutWorker
+    from actors.rollout.engine import SamplingParams
+    from actors.rollout.vllm_engine import vllm_requests
 
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=max_new, seed=5)
     ids = list(range(len(prompts)))

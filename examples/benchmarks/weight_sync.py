@@ -43,8 +43,8 @@ def memcpy_gbps(nbytes: int, reps: int = 5) -> float:
 
 
 def bench_size(ray, name: str, path: str, reps: int, report: C.Report) -> dict:
-    from actors.build import ResolvedModels, build_rollouts, build_students
-    from actors.weight_sync import ObjectStoreWeightSync
+    from actors.driver.build import ResolvedModels, build_rollouts, build_students
+    from actors.sync.base import ObjectStoreWeightSync
     from eopd_ray.config import load_config
     from eopd_ray.models import load_tokenizer
 

@@ -17,10 +17,10 @@ import time
 import ray
 import torch
 
-from actors.sync_buckets import (DTYPES, MIB, ParamMeta, device_uuid, flatten, ipc_handle, iter_student_buckets,
+from actors.sync.buckets import (DTYPES, MIB, ParamMeta, device_uuid, flatten, ipc_handle, iter_student_buckets,
                                  param_metas, plan_buckets, weight_group)
-from actors.sync_check import teacher_forced_logprobs
-from actors.weight_sync import WeightSync
+from actors.sync.check import teacher_forced_logprobs
+from actors.sync.base import WeightSync
 
 
 # ---- Mixins for the Ray shells ----------------------------------------------------------------------

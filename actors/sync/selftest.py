@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from actors.sync_buckets import (DTYPES, MIB, ParamMeta, TorchComm, flatten, ipc_handle, open_ipc_handle,
+from actors.sync.buckets import (DTYPES, MIB, ParamMeta, TorchComm, flatten, ipc_handle, open_ipc_handle,
                                  plan_buckets, receive_buckets, unflatten)
 
 

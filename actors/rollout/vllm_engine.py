@@ -39,13 +39,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.faults import injected
-from actors.rollout_engine import EngineUnusableError, Generation, RolloutEngine, SamplingParams
-from actors.sync_buckets import metas_to_wire
+from actors.runtime.faults import injected
+from actors.rollout.engine import EngineUnusableError, Generation, RolloutEngine, SamplingParams
+from actors.sync.buckets import metas_to_wire
 from eopd_ray.models import checkpoint_aliases, checkpoint_shapes
 
 BACKEND = "eopd"  # the weight-transfer backend that actors/vllm_worker.py registers with vLLM
-WORKER_EXTENSION = "actors.vllm_worker.EngineWorkerExtension"  # imported by vLLM in every worker
+WORKER_EXTENSION = "actors.rollout.vllm_worker.EngineWorkerExtension"  # imported by vLLM in every worker
 MIN_VLLM = "0.28"  # weight-transfer sessions owned by a pluggable backend, with the abstract methods used here
 # The object-store path sends pickled pairs in pieces of about this size: one msgpack `bin` holds < 4 GiB.
 _RPC_CHUNK_BYTES = 512 << 20

@@ -12,8 +12,8 @@ from abc import ABC, abstractmethod
 
 import ray
 
-from actors.group import ActorGroup
-from actors.sync_check import check_synced_logprobs, sync_limits
+from actors.runtime.group import ActorGroup
+from actors.sync.check import check_synced_logprobs, sync_limits
 
 
 class WeightSync(ABC):

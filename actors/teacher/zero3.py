@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.dist_init import join_process_group, master_address
-from actors.faults import maybe_fail
-from actors.teacher import TeacherScorer, _empty_columns
+from actors.runtime.dist import join_process_group, master_address
+from actors.runtime.faults import maybe_fail
+from actors.teacher.scorer import TeacherScorer, _empty_columns
 from eopd_ray.losses import TokenStats
 from eopd_ray.models import load_causal_lm
 

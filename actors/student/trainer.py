@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.dist_init import free_port, join_process_group, master_address  # noqa: F401 (free_port: re-exported)
-from actors.faults import maybe_fail
+from actors.runtime.dist import join_process_group, master_address
+from actors.runtime.faults import maybe_fail
 from eopd_ray.batch import SequenceBatch, list_rows, padded_float, padded_topk, sequence_batch
 from eopd_ray.config import LossConfig, TrainerConfig
 from eopd_ray.losses import TokenStats, eopd_loss, group_normalized_advantages
@@ -346,7 +346,7 @@ class StudentTrainer:
     def save(self, ckpt_dir: str) -> bool:
         """World-size-independent training state (every rank joins the gathers) plus an HF-format copy
         of the weights in the model dtype (rank 0), loadable with `from_pretrained`."""
-        from actors.student_state import save_state
+        from actors.student.state import save_state
 
         ckpt = Path(ckpt_dir)
         save_state(self.engine, self.rank, self.world_size, self.trainer.zero_stage, ckpt)
@@ -359,7 +359,7 @@ class StudentTrainer:
 
     def load(self, ckpt_dir: str) -> dict:
         """Restore a checkpoint saved by any number of ranks at any ZeRO stage; returns its trainer state."""
-        from actors.student_state import load_state
+        from actors.student.state import load_state
 
         return load_state(self.engine, self.trainer.zero_stage, ckpt_dir, self.pad_id)
 

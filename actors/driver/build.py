@@ -14,9 +14,11 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.group import ActorGroup
-from actors.remote import RolloutActor, ShardedTeacherActor, StudentActor, TeacherActor
-from actors.weight_sync import ObjectStoreWeightSync, WeightSync
+from actors.runtime.group import ActorGroup
+from actors.rollout.actor import RolloutActor
+from actors.teacher.actor import ShardedTeacherActor, TeacherActor
+from actors.student.actor import StudentActor
+from actors.sync.base import ObjectStoreWeightSync, WeightSync
 from eopd_ray.config import OFF_POLICY_OBJECTIVES, RunConfig
 from eopd_ray.placement import PlacementPlan, cpu_block, plan_placement
 
@@ -190,7 +192,7 @@ def build_weight_sync(cfg: RunConfig, students: ActorGroup, rollouts: ActorGroup
     sync = cfg.placement.weight_sync
     if sync == "object_store" or (sync == "auto" and cfg.rollout.engine != "vllm"):
         return ObjectStoreWeightSync(students, rollouts)
-    from actors.nccl_sync import IpcWeightSync, NcclWeightSync
+    from actors.sync.broadcast import IpcWeightSync, NcclWeightSync
 
     if cfg.placement.mode == "colocated":
         return IpcWeightSync(students, rollouts, cfg.placement.sync_bucket_mb)

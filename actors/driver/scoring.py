@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ray
 
-from actors.group import ActorGroup
+from actors.runtime.group import ActorGroup
 
 
 def score_rollouts(teachers: ActorGroup, rollout_refs: list, zero3: bool) -> tuple[list, list[dict]]:

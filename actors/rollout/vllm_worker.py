@@ -36,9 +36,9 @@ import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from actors.sync_buckets import (device_uuid, metas_from_wire, open_ipc_handle, receive_buckets, unflatten,
+from actors.sync.buckets import (device_uuid, metas_from_wire, open_ipc_handle, receive_buckets, unflatten,
                                  weight_group, with_aliases)
-from actors.vllm_engine import BACKEND
+from actors.rollout.vllm_engine import BACKEND
 
 UPDATE_KINDS = ("pairs", "buckets", "ipc", "path")
 

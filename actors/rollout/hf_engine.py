@@ -1,26 +1,15 @@
-"""Rollout workers: sample responses from pi_old and return them, with behaviour log-probs, as Arrow.
-
-`RolloutEngine` is the interface every backend implements (transformers here; vLLM in
-`actors/vllm_engine.py`). `RolloutWorker` is a plain class (testable without Ray) that owns one engine,
-formats the Arrow payload and grades responses; `actors.remote.RolloutActor` is its Ray shell.
-"""
+"""The transformers rollout engine: `model.generate` with a KV cache, behaviour log-probs and full-vocabulary
+entropies from the raw per-step logits; it also receives the bucketed broadcast on CPU (gloo)."""
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
 import torch
 
-from actors.faults import maybe_fail
-from actors.rollout_engine import Generation, RolloutEngine, SamplingParams, cut_at_padded_ids
-from eopd_ray.batch import make_rollout_table
-from eopd_ray.evaluation import finite_entropies, grade_response, high_entropy_fraction
-from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
-
-
-ENTROPY_BINS, ENTROPY_MAX = 40, 4.0  # histogram of generated-token entropies (nats)
+from actors.rollout.engine import Generation, RolloutEngine, SamplingParams
+from eopd_ray.models import load_causal_lm, load_tokenizer
 
 
 class TransformersEngine(RolloutEngine):
@@ -51,7 +40,7 @@ class TransformersEngine(RolloutEngine):
 
     # -- the disaggregated sync's receiving side on CPU (actors/nccl_sync.py: gloo instead of NCCL) --------
     def init_weight_group(self, addr: str, port: int, rank_offset: int, world_size: int) -> None:
-        from actors.sync_buckets import GlooComm
+        from actors.sync.buckets import GlooComm
 
         self.weight_comm = GlooComm(addr, port, rank_offset, world_size)
 
@@ -63,7 +52,7 @@ class TransformersEngine(RolloutEngine):
                 + [f"{n}: never sent" for n in params if n not in sent])
 
     def receive_weights(self, metas: list, bucket_bytes: int) -> None:
-        from actors.sync_buckets import receive_buckets
+        from actors.sync.buckets import receive_buckets
 
         params = dict(self.model.named_parameters())  # tied weights appear once, as the sender sends them
 
@@ -76,7 +65,7 @@ class TransformersEngine(RolloutEngine):
 
     def score_tokens(self, prompt_ids: list[np.ndarray], response_ids: list[np.ndarray]) -> list[np.ndarray]:
         """Teacher-forced log p(response_t | prompt, response_<t) over the real vocabulary, (T_i,) per row."""
-        from actors.sync_check import teacher_forced_logprobs
+        from actors.sync.check import teacher_forced_logprobs
 
         return [teacher_forced_logprobs(self.model, p, r, self.vocab_size) for p, r in zip(prompt_ids, response_ids)]
 
@@ -129,87 +118,3 @@ class TransformersEngine(RolloutEngine):
 
 def _is_tied(model, name: str) -> bool:
     return name.endswith("lm_head.weight") and bool(getattr(model.config, "tie_word_embeddings", False))
-
-
-def _mean_entropy(entropies: list[np.ndarray]) -> float:
-    """Mean over tokens with a finite entropy; NaN if there are tokens but none has one, 0.0 if no tokens."""
-    finite, total = finite_entropies(entropies)
-    if finite.size:
-        return float(finite.mean())
-    return float("nan") if total else 0.0
-
-
-class RolloutWorker:
-    """One rollout engine plus payload formatting and grading; runs with or without Ray."""
-
-    def __init__(self, model_path: str, engine: str = "transformers", dtype: str = "float32",
-                 trust_remote_code: bool = False, vocab_size: int | None = None, num_threads: int | None = None,
-                 engine_kwargs: dict | None = None):
-        set_threads(num_threads)
-        if engine == "transformers":
-            self.engine: RolloutEngine = TransformersEngine(model_path, dtype, trust_remote_code, vocab_size)
-        elif engine == "vllm":
-            from actors.vllm_engine import VLLMEngine  # imported only here: vLLM is optional
-
-            self.engine = VLLMEngine(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                     vocab_size=vocab_size, **(engine_kwargs or {}))
-        else:
-            raise ValueError(f"rollout.engine={engine!r} is invalid: allowed transformers or vllm")
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        self.vocab_size = vocab_size or len(self.tokenizer)
-
-    def ping(self) -> bool:
-        return True
-
-    def rollout(self, sample_ids, prompt_ids, answers, params: SamplingParams, n: int = 1):
-        """Sample n responses per prompt (rows of one prompt are adjacent and share its sample_id).
-        Returns (Arrow table of ROLLOUT_SCHEMA, small stats dict)."""
-        maybe_fail("rollout")
-        t0 = time.perf_counter()
-        if n > 1:
-            sample_ids, prompt_ids, answers = ([x for x in xs for _ in range(n)] for xs in (sample_ids, prompt_ids, answers))
-        gen, cut = cut_at_padded_ids(self.engine.generate(list(prompt_ids), params), self.vocab_size)
-        texts = self.tokenizer.batch_decode([r.tolist() for r in gen.response_ids], skip_special_tokens=True)
-        correct = [grade_response(t, a) for t, a in zip(texts, answers)]
-        table = make_rollout_table(sample_ids, prompt_ids, gen.response_ids, gen.logprobs, gen.entropy, correct)
-        lengths = [len(r) for r in gen.response_ids]
-        stats = {
-            "rollout/accuracy": float(np.mean(correct)) if correct else 0.0,
-            "rollout/response_length": float(np.mean(lengths)) if lengths else 0.0,
-            "rollout/tokens": int(sum(lengths)),
-            # NaN, not 0.0, when the engine gives no entropy (vLLM): nan-aware, over finite entropies only
-            "rollout/entropy": _mean_entropy(gen.entropy),
-            "rollout/high_entropy_fraction": high_entropy_fraction(gen.entropy, 1.0),
-            # share of responses ended before an id beyond the tokenizer (vLLM on padded vocabularies)
-            "rollout/cut_at_padded_id": cut / len(lengths) if lengths else 0.0,
-            "time/generate": time.perf_counter() - t0,
-        }
-        return table, stats
-
-    def evaluate(self, prompt_ids, answers, k: int, params: SamplingParams, threshold: float = 1.0,
-                 model_path: str | None = None, return_texts: bool = False) -> dict:
-        """k samples per prompt; returns per-problem correctness (P, k), the generated-token entropies
-        summarised as a high-entropy fraction and a histogram (paper Fig. 3), and optionally every text."""
-        maybe_fail("rollout_eval")
-        if model_path:
-            self.engine.load_model(model_path)
-        repeated = [p for p in prompt_ids for _ in range(k)]
-        gen, _ = cut_at_padded_ids(self.engine.generate(repeated, params), self.vocab_size)
-        texts = self.tokenizer.batch_decode([r.tolist() for r in gen.response_ids], skip_special_tokens=True)
-        correct = np.array([grade_response(t, a) for t, a in zip(texts, [a for a in answers for _ in range(k)])])
-        ent, generated = finite_entropies(gen.entropy)  # NaN entropies (vLLM) are not counted
-        hist, edges = np.histogram(ent, bins=ENTROPY_BINS, range=(0.0, ENTROPY_MAX))
-        return {"correct": correct.reshape(len(prompt_ids), k), "num_tokens": int(ent.size),
-                "num_generated_tokens": generated,
-                "high_entropy_fraction": high_entropy_fraction(gen.entropy, threshold),
-                "entropy_hist": hist.tolist(), "entropy_edges": edges.tolist(),
-                "texts": texts if return_texts else texts[:4],
-                "lengths": [len(r) for r in gen.response_ids] if return_texts else []}
-
-    def update_weights(self, state: dict[str, np.ndarray]) -> float:
-        t0 = time.perf_counter()
-        self.engine.load_weights(state)
-        return time.perf_counter() - t0
-
-    def load_model(self, path: str) -> None:
-        self.engine.load_model(path)

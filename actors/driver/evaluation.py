@@ -7,8 +7,8 @@ import math
 import numpy as np
 import ray
 
-from actors.group import ActorGroup
-from actors.rollout import SamplingParams
+from actors.runtime.group import ActorGroup
+from actors.rollout.engine import SamplingParams
 from eopd_ray.evaluation import summarize_correct
 
 
