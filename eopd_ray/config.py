@@ -2,8 +2,8 @@
 
 Each section is a dataclass whose fields carry a one-line doc comment. `validate()` on a section raises
 `ConfigError` naming the bad field, its value, what is allowed and how to fix it, so that a bad run stops
-before Ray or any actor starts. Only the standard library is imported here, so that the pure loss module
-(`eopd_ray.losses`) can depend on `LossConfig` while still importing nothing heavier than torch.
+before Ray or any actor starts. The allowed objectives are the registered ones (`eopd_ray.objectives`), and
+what the run needs to know about the chosen one is its declared properties (`LossConfig.spec`).
 """
 
 from __future__ import annotations
@@ -13,18 +13,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-OBJECTIVES = ("opd", "eopd", "full_fkl", "random_fkl", "entropy_bonus", "advantage_shaping", "grpo", "kd")
-# Baselines that do not learn on the student's own samples scored by the teacher (paper Section 5.1).
-OFF_POLICY_OBJECTIVES = ("kd",)
+from eopd_ray.errors import ConfigError
+from eopd_ray.objectives import Objective, get_objective, objective_names
+
 FKL_NORMALIZERS = ("all_tokens", "gated_tokens")
 # `cpu`: no GPU is requested (today's CPU pipeline); `colocated`: every role shares every GPU (vLLM sleeps
 # while the student trains); `disaggregated`: separate GPU pools for rollout, teacher and student.
 PLACEMENT_MODES = ("cpu", "colocated", "disaggregated")
 WEIGHT_SYNCS = ("auto", "object_store", "broadcast")
-
-
-class ConfigError(ValueError):
-    """A configuration value is out of range, of the wrong type, or unknown."""
 
 
 def _fail(path: str, value: Any, allowed: str, fix: str = "") -> None:
@@ -59,7 +55,7 @@ def _check_range(path: str, value: Any, lo: float | None = None, hi: float | Non
 class LossConfig:
     """The EOPD objective and its baselines (paper eq. 8-11)."""
 
-    objective: str = "eopd"  # one of OBJECTIVES; `opd` is eq. 8 alone, `eopd` adds gated forward KL (eq. 9)
+    objective: str = "eopd"  # a registered objective; `opd` is eq. 8 alone, `eopd` adds gated forward KL (eq. 9)
     tau: float = 0.8  # teacher-entropy threshold (nats) above which the forward KL is switched on
     top_k: int = 16  # teacher top-k ids kept per position for the forward KL (eq. 10)
     clip_eps: float = 0.2  # PPO clip range of eq. 8 (the paper does not state it; 0.2 is usual)
@@ -74,9 +70,15 @@ class LossConfig:
     kd_ce_coef: float = 0.5  # `kd` (off-policy KD on teacher samples, Table 7): cross-entropy weight
     kd_fkl_coef: float = 0.5  # `kd`: weight of the top-k forward KL at every position
 
+    @property
+    def spec(self) -> Objective:
+        """The registered objective this config names, with its declared properties."""
+        return get_objective(self.objective)
+
     def validate(self, prefix: str = "loss") -> None:
-        if self.objective not in OBJECTIVES:
-            _fail(f"{prefix}.objective", self.objective, "one of " + ", ".join(OBJECTIVES))
+        if self.objective not in objective_names():
+            _fail(f"{prefix}.objective", self.objective, "one of " + ", ".join(objective_names()),
+                  "pick a built-in or register your own (eopd_ray.objectives.register) before the config is read")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or math.isnan(self.tau):
             _fail(f"{prefix}.tau", self.tau, "a number (inf allowed: it turns EOPD into OPD)")
         _check_range(f"{prefix}.top_k", self.top_k, lo=1, integer=True)
@@ -300,6 +302,7 @@ class PlacementConfig:
     # CPU) or CUDA IPC (colocated); broadcast: the bucketed broadcast for the transformers engine too (CPU)
     weight_sync: str = "auto"
     check_sync: bool = True  # after the first weight sync of a run, compare engine and student log-probs
+    actor_threads: int = 0  # torch threads of each actor (split over ZeRO-3 teacher / student ranks); 0 = all cores
 
     def validate(self, prefix: str = "placement") -> None:
         if self.mode not in PLACEMENT_MODES:
@@ -307,6 +310,7 @@ class PlacementConfig:
         _check_range(f"{prefix}.num_nodes", self.num_nodes, lo=1, integer=True)
         _check_range(f"{prefix}.gpus_per_node", self.gpus_per_node, lo=0, integer=True)
         _check_range(f"{prefix}.sync_bucket_mb", self.sync_bucket_mb, lo=1, integer=True)
+        _check_range(f"{prefix}.actor_threads", self.actor_threads, lo=0, integer=True)
         if self.weight_sync not in WEIGHT_SYNCS:
             _fail(f"{prefix}.weight_sync", self.weight_sync, "one of " + ", ".join(WEIGHT_SYNCS))
         if self.mode == "cpu" and self.gpus_per_node:
@@ -352,10 +356,11 @@ class RunConfig:
         if self.rollout.num_workers > self.trainer.batch_size:  # shards may differ by one prompt, not be empty
             _fail("rollout.num_workers", self.rollout.num_workers,
                   f"at most trainer.batch_size={self.trainer.batch_size} (every worker gets a share of the prompts)")
-        if self.loss.objective == "grpo" and self.rollout.n_samples_per_prompt < 2:
+        group = self.loss.spec.samples_per_prompt
+        if group > 1 and self.rollout.n_samples_per_prompt < 2:
             _fail("rollout.n_samples_per_prompt", self.rollout.n_samples_per_prompt,
-                  "at least 2 with loss.objective=grpo (group-normalised advantages need a group)",
-                  "set rollout.n_samples_per_prompt=8 as in the paper")
+                  f"at least 2 with loss.objective={self.loss.objective} (its advantages need a group of responses)",
+                  f"set rollout.n_samples_per_prompt={group} as in the paper")
         self._validate_placement()
         return self
 
@@ -380,7 +385,7 @@ class RunConfig:
                   "set placement.weight_sync=auto, or placement.mode=disaggregated for the NCCL broadcast")
         if mode == "cpu":
             return
-        from eopd_ray.placement import plan_placement  # pure Python; its PlacementError is a ConfigError
+        from eopd_ray.placement import plan_placement  # its PlacementError is a ConfigError
 
         plan_placement(self)
 

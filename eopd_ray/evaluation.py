@@ -56,3 +56,24 @@ def grade_response(response: str, answer) -> bool:
     from eopd_ray import task
 
     return task.grade(response, str(answer))
+
+
+def eval_report(results: dict, threshold: float) -> list[str]:
+    """One line per model, then how each student's share of high-entropy tokens compares with the teacher's
+    (n/a where the engine gives no entropies: vLLM)."""
+    share = {n: r["high_entropy_fraction"] for n, r in results.items()
+             if r["high_entropy_fraction"] is not None and np.isfinite(r["high_entropy_fraction"])}
+    lines = [f"eval {name:16s} Avg@{r['k']}={r['avg_at_k']:.3f} Pass@{r['k']}={r['pass_at_k']:.3f} "
+             f"tokens with entropy >= {threshold:g}: "
+             + (f"{100 * share[name]:.1f}%" if name in share else "n/a (the engine gives no entropies)")
+             for name, r in results.items()]
+    teacher = share.get("teacher")  # absent with eval.teacher=false or a vLLM engine
+    for name in ("student_initial", "student") if teacher is not None else ():
+        frac = share[name]
+        lines.append(f"{name} keeps {frac / teacher:.2f}x the teacher's share of high-entropy tokens "
+                     f"({100 * frac:.1f}% vs {100 * teacher:.1f}%)" if teacher > 0 else
+                     f"{name}: {100 * frac:.1f}% high-entropy tokens; the teacher has none")
+    gain = results["student"]["avg_at_k"] - results["student_initial"]["avg_at_k"]
+    lines.append(f"training changed Avg@k by {gain:+.3f} ({results['student_initial']['avg_at_k']:.3f} -> "
+                 f"{results['student']['avg_at_k']:.3f})")
+    return lines

@@ -1,6 +1,6 @@
 """The placement plan: which actor runs on which GPUs of which node, and the Ray bundles that ask for them.
 
-Pure Python (no Ray, no torch), so `train_eopd.py --dry-run` can print the plan on a CPU machine and the
+No Ray and no GPU needed, so `train_eopd.py --dry-run` can print the plan on a CPU machine and the
 config can refuse an impossible layout before anything starts.
 
 Three modes (`placement.mode`):
@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from eopd_ray.config import ConfigError
+from eopd_ray.errors import ConfigError
 
 ROLES = ("student", "teacher", "rollout")
 # Ray num_gpus per actor when the three roles share one GPU (they must add up to at most 1).
@@ -219,6 +219,7 @@ def _teacher_line(cfg: Any) -> list[str]:
     if cfg.eval.enabled and cfg.eval.teacher:
         lines.append("  note: the final evaluation loads the teacher whole on every rollout worker; "
                      "eval.teacher=false skips it")
-    if cfg.loss.objective == "kd":
-        lines.append("  note: loss.objective=kd samples from the teacher loaded whole on every rollout worker")
+    if cfg.loss.spec.samples_from_teacher:
+        lines.append(f"  note: loss.objective={cfg.loss.objective} samples from the teacher loaded whole on every "
+                     "rollout worker")
     return lines

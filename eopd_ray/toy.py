@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eopd_ray.losses import forward_kl_topk
+from eopd_ray.objectives.terms import forward_kl_topk
 
 VOCAB_SIZE = 80
 PLANTED_LOGITS = (1.7, 1.9, 2.1, 2.3, 2.5)

@@ -32,29 +32,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from eopd_ray.config import load_config  # noqa: E402
+from eopd_ray.objectives import get_objective  # noqa: E402
 from eopd_ray.run_io import dumps_strict  # noqa: E402
 
-METHODS = {
-    "kd": ["loss.objective=kd"],
-    "grpo": ["loss.objective=grpo", "rollout.n_samples_per_prompt=8"],
-    "opd": ["loss.objective=opd"],
-    "entropy_bonus": ["loss.objective=entropy_bonus"],
-    "advantage_shaping": ["loss.objective=advantage_shaping"],
-    "full_fkl": ["loss.objective=full_fkl"],
-    "random_fkl": ["loss.objective=random_fkl"],
-    "eopd": ["loss.objective=eopd"],
-}
+# The paper's baselines and EOPD (Section 5.1), in the table's order; each runs with its registered settings.
+METHODS = ("kd", "grpo", "opd", "entropy_bonus", "advantage_shaping", "full_fkl", "random_fkl", "eopd")
 LABELS = {"kd": "Off-policy KD", "grpo": "GRPO", "opd": "OPD", "entropy_bonus": "OPD + entropy bonus",
           "advantage_shaping": "OPD + advantage shaping", "full_fkl": "OPD + forward KL everywhere",
           "random_fkl": "OPD + forward KL at random 20%", "eopd": "EOPD"}
 
 
 def method_overrides(method: str, user: list[str]) -> list[str]:
-    out = list(METHODS[method])
-    if method == "grpo":
+    """The objective, and for objectives run with n samples per prompt (GRPO: 8) n of them over B / n prompts,
+    so that every method sees the same number of responses per step."""
+    out = [f"loss.objective={method}"]
+    n = get_objective(method).samples_per_prompt
+    if n > 1:
         cfg = load_config(None, user)
-        n = 8
-        out += [f"trainer.batch_size={max(1, cfg.trainer.batch_size // n)}",
+        out += [f"rollout.n_samples_per_prompt={n}", f"trainer.batch_size={max(1, cfg.trainer.batch_size // n)}",
                 f"trainer.mini_batch_size={max(1, cfg.trainer.mini_batch_size // n)}"]
     return out + list(user)
 

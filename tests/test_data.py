@@ -93,7 +93,7 @@ def test_held_out_set_has_its_own_fields_and_suffix(tmp_path):
 
     from eopd_ray.config import load_config
     from eopd_ray.tiny_models import build_tokenizer
-    from tests.test_weight_sync_e2e import _driver
+    from eopd_ray.run_setup import load_data
 
     train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
     train.write_text("".join(json.dumps({"problem": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(8)))
@@ -102,9 +102,8 @@ def test_held_out_set_has_its_own_fields_and_suffix(tmp_path):
             "data.answer_key=solution", "data.eval_prompt_key=q", "data.eval_answer_key=gold",
             "trainer.batch_size=4", "trainer.mini_batch_size=4", "data.num_eval_problems=4"]
     tok = build_tokenizer()
-    drv = _driver()
-    sampler, plain = drv.load_data(load_config(None, base), tok)
-    sampler2, suffixed = drv.load_data(load_config(None, base + ["data.eval_prompt_suffix=+3="]), tok)
+    sampler, plain = load_data(load_config(None, base), tok)
+    sampler2, suffixed = load_data(load_config(None, base + ["data.eval_prompt_suffix=+3="]), tok)
     ids = lambda recs: [list(r.prompt_ids) for r in recs]  # noqa: E731
     assert [r.answer for r in plain] == ["2", "3", "4", "5"]
     assert ids(suffixed) == ids(tokenize_rows([{"prompt": f"{i}+2=+3=", "answer": str(i + 2)} for i in range(4)],

@@ -120,10 +120,10 @@ def test_format_plan_names_every_actor_and_node():
     assert format_plan(_cfg()).startswith("placement: cpu")
 
 
-def test_placement_module_needs_neither_ray_nor_torch():
+def test_placement_and_config_need_no_ray():
+    """--dry-run prints the plan without Ray (the config imports torch, through the objectives' registry)."""
     code = ("import sys; import eopd_ray.placement as p; from eopd_ray.config import load_config; "
-            "p.format_plan(load_config()); bad = [m for m in ('ray', 'torch') if m in sys.modules]; "
-            "sys.exit(1 if bad else 0)")
+            "p.format_plan(load_config()); sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 

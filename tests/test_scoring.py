@@ -1,4 +1,4 @@
-"""The score phase's handling of a ZeRO-3 teacher group (actors/scoring.py), through Ray with stand-in
+"""The score phase's handling of a ZeRO-3 teacher group (actors/driver/phases.py), through Ray with stand-in
 workers: tables come back in rollout order, and a worker's death is what the driver sees even when a peer's
 error arrives first."""
 
@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from actors.runtime.group import ActorGroup
-from actors.driver.scoring import score_rollouts
+from actors.driver.phases import score_rollouts
 
 pytestmark = pytest.mark.e2e
 

@@ -4,25 +4,15 @@ transformers engine instead of vLLM; and the post-sync check that compares engin
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 
 import pytest
 import ray
 
-from tests.test_e2e_ray import ROOT, run_job
+from tests.test_e2e_ray import run_job
 
 pytestmark = pytest.mark.e2e
-
-
-def _driver():
-    spec = importlib.util.spec_from_file_location("train_eopd", ROOT / "examples" / "train_eopd.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_eopd"] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -30,20 +20,21 @@ def driver_actors(tiny_models):
     """The main job's actors (2 rollout workers, 2 ZeRO-3 student ranks, broadcast sync), built by the
     driver's own functions in this process, and rows the rollout sampled."""
     from actors.driver.build import init_ray
+    from actors.driver.session import Session
     from eopd_ray.config import load_config
+    from eopd_ray.run_setup import load_data, resolve_models
 
-    drv = _driver()
     teacher, student = tiny_models
     cfg = load_config(None, [f"model.teacher={teacher}", f"model.student={student}", "rollout.num_workers=2",
                              "trainer.num_ranks=2", "trainer.zero_stage=3", "placement.weight_sync=broadcast",
                              "placement.sync_bucket_mb=1", "trainer.batch_size=8", "trainer.mini_batch_size=8",
                              "rollout.max_new_tokens=24", "data.num_train_problems=16"])
-    models, tok = drv.resolve_models(cfg)
-    sampler, _ = drv.load_data(cfg, tok)
+    models, tok = resolve_models(cfg)
+    sampler, _ = load_data(cfg, tok)
     init_ray()
-    actors = drv.build_actors(cfg, models, None)
+    actors = Session.build(cfg, models)
     try:
-        yield drv, cfg, actors, sampler
+        yield cfg, actors, sampler
     finally:
         actors.shutdown()
         ray.shutdown()
@@ -66,9 +57,11 @@ def test_broadcast_sync_reaches_every_engine_and_stale_engines_are_caught(driver
     from actors.sync.broadcast import NcclWeightSync
     from actors.sync.check import SyncCheckError
 
-    drv, cfg, actors, sampler = driver_actors
+    from actors.driver.phases import iteration
+
+    cfg, actors, sampler = driver_actors
     assert isinstance(actors.sync, NcclWeightSync)
-    row = drv.iteration(cfg, actors, 0, sampler.next_batch())  # generate, score, train (ZeRO-3), sync, check
+    row = iteration(actors, 0, sampler.next_batch())  # generate, score, train (ZeRO-3), sync, check
     assert row["sync/check_max_abs"] < 1e-5 and row["time/sync_send"] > 0
     prompts, responses = _rows(actors, sampler.next_batch())
 

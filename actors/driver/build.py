@@ -8,7 +8,7 @@ group's one-GPU bundles when colocated.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import sys
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -19,18 +19,10 @@ from actors.rollout.actor import RolloutActor
 from actors.teacher.actor import ShardedTeacherActor, TeacherActor
 from actors.student.actor import StudentActor
 from actors.sync.base import ObjectStoreWeightSync, WeightSync
-from eopd_ray.config import OFF_POLICY_OBJECTIVES, RunConfig
+from eopd_ray.config import RunConfig
+from eopd_ray.objectives import Objective
+from eopd_ray.run_setup import ResolvedModels
 from eopd_ray.placement import PlacementPlan, cpu_block, plan_placement
-
-
-@dataclass
-class ResolvedModels:
-    """What the driver resolved before Ray starts: local paths and the shared vocabulary."""
-
-    teacher_path: str
-    student_path: str
-    vocab_size: int
-    pad_id: int
 
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> None:
@@ -42,8 +34,8 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # Logical CPUs: our actors run phase after phase, so they may share the physical cores.
-        # Binding to loopback needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set before `import ray` (the
-        # example script does this); the node address alone is not enough.
+        # Binding to loopback needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set before `import ray` (importing
+        # `actors` sets it); the node address alone is not enough.
         ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=True,
                  runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "DS_ACCELERATOR": "cpu"}}
@@ -56,8 +48,9 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _threads(cfg: RunConfig) -> int:
-    return max(1, (os.cpu_count() or 1))
+def actor_threads(cfg: RunConfig) -> int:
+    """Torch threads of one actor: placement.actor_threads, or every core of the node."""
+    return cfg.placement.actor_threads or max(1, (os.cpu_count() or 1))
 
 
 class SharedPlacement:
@@ -138,11 +131,11 @@ def _engine_kwargs(cfg: RunConfig, rank: int) -> dict:
 
 def build_rollouts(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
     # Off-policy KD learns from the teacher's own samples: its rollout workers hold the teacher.
-    path = models.teacher_path if cfg.loss.objective in OFF_POLICY_OBJECTIVES else models.student_path
+    path = models.teacher_path if cfg.loss.spec.samples_from_teacher else models.student_path
     group = _group(cfg, "rollout", RolloutActor, cfg.rollout.num_workers, lambda rank: dict(
         model_path=path, engine=cfg.rollout.engine, dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code, vocab_size=models.vocab_size,
-        num_threads=_threads(cfg), engine_kwargs=_engine_kwargs(cfg, rank)), cfg.rollout.num_cpus)
+        num_threads=actor_threads(cfg), engine_kwargs=_engine_kwargs(cfg, rank)), cfg.rollout.num_cpus)
     if cfg.placement.mode == "colocated":
         # vLLM sizes its KV cache from the GPU memory free while it starts: let it finish (and go to sleep)
         # before the teacher and the student load onto the same GPUs.
@@ -159,15 +152,26 @@ def build_teachers(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
                   trust_remote_code=cfg.model.trust_remote_code)
     if t.zero_stage == 0:
         return _group(cfg, "teacher", TeacherActor, t.num_workers,
-                      lambda rank: dict(common, num_threads=_threads(cfg)), t.num_cpus)
+                      lambda rank: dict(common, num_threads=actor_threads(cfg)), t.num_cpus)
     backend = "nccl" if plan_placement(cfg).has_gpus else "gloo"
     group = _group(cfg, "teacher", ShardedTeacherActor, t.num_workers, lambda rank: dict(
         common, rank=rank, world_size=t.num_workers, backend=backend, offload=t.offload,
         persistence_threshold=t.zero3_persistence_threshold,
-        num_threads=max(1, _threads(cfg) // t.num_workers)), t.num_cpus)
+        num_threads=max(1, actor_threads(cfg) // t.num_workers)), t.num_cpus)
     addr, port = ray.get(group.actors[0].master_address.remote())
     group.run("setup", addr, port)
     return group
+
+
+def shippable(objective: Objective) -> Objective:
+    """The objective, made to travel to the student actors whole: functions of a module outside this package
+    (an objective registered by the user's script or test) are pickled by value, since the actors' processes
+    never imported that module."""
+    for value in vars(objective).values():
+        module = sys.modules.get(getattr(value, "__module__", None) or "")
+        if callable(value) and module is not None and not module.__name__.startswith("eopd_ray."):
+            ray.cloudpickle.register_pickle_by_value(module)
+    return objective
 
 
 def build_students(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
@@ -178,8 +182,9 @@ def build_students(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
     group = _group(cfg, "student", StudentActor, n, lambda rank: dict(
         model_path=models.student_path, trainer=cfg.trainer, loss=cfg.loss, rank=rank, world_size=n,
         vocab_size=models.vocab_size, pad_id=models.pad_id, dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code, num_threads=max(1, _threads(cfg) // n),
-        backend=backend, n_samples=cfg.rollout.n_samples_per_prompt), cfg.trainer.num_cpus)
+        trust_remote_code=cfg.model.trust_remote_code, num_threads=max(1, actor_threads(cfg) // n),
+        backend=backend, n_samples=cfg.rollout.n_samples_per_prompt, objective=shippable(cfg.loss.spec)),
+        cfg.trainer.num_cpus)
     addr, port = ray.get(group.actors[0].master_address.remote())
     group.run("setup", addr, port)
     return group

@@ -7,9 +7,12 @@ import math
 import numpy as np
 import ray
 
+from actors.driver.session import ACTOR_DIED, Session
 from actors.runtime.group import ActorGroup
 from actors.rollout.engine import SamplingParams
 from eopd_ray.evaluation import summarize_correct
+from eopd_ray.seeds import eval_seed
+from eopd_ray.sharding import shard_slices
 
 
 def combine_fractions(parts: list[dict]) -> float:
@@ -29,11 +32,10 @@ def combine_fractions(parts: list[dict]) -> float:
 
 def evaluate_on_workers(rollouts: ActorGroup, prompt_ids: list, answers: list, k: int, params: SamplingParams,
                         threshold: float = 1.0, model_path: str | None = None, return_texts: bool = False) -> dict:
-    """k samples per problem; problems are dealt round-robin to the workers and reassembled in order.
+    """k samples per problem; the problems are sharded over the workers and reassembled in order.
 
     model_path: load this model into every worker first (None = evaluate the weights they hold)."""
-    n = len(rollouts)
-    order = [list(range(i, len(prompt_ids), n)) for i in range(n)]
+    order = [list(range(len(prompt_ids)))[s] for s in shard_slices(len(prompt_ids), len(rollouts))]
     parts = ray.get([a.evaluate.remote([prompt_ids[j] for j in idx], [answers[j] for j in idx], k, params,
                                        threshold, model_path, return_texts)
                      for a, idx in zip(rollouts.actors, order) if idx])
@@ -56,3 +58,33 @@ def evaluate_on_workers(rollouts: ActorGroup, prompt_ids: list, answers: list, k
     else:
         out["samples"] = parts[0]["texts"]
     return out
+
+
+def evaluate(session: Session, eval_recs: list, model_path: str | None) -> dict:
+    """Avg@k / Pass@k of `model_path` (None: the trained weights the workers hold). A rollout worker that dies
+    leaves, and the evaluation is redone by the others or by replacements given the trained weights."""
+    cfg = session.cfg
+    params = SamplingParams(cfg.eval.temperature, cfg.eval.top_p, cfg.rollout.max_new_tokens,
+                            eval_seed(cfg.trainer.seed))
+    while True:
+        try:
+            return evaluate_on_workers(session.rollouts, [r.prompt_ids for r in eval_recs],
+                                       [r.answer for r in eval_recs], cfg.eval.k, params,
+                                       cfg.eval.high_entropy_threshold, model_path)
+        except ACTOR_DIED:
+            if not session.recover_rollout_workers("during evaluation",
+                                                   None if session.on_policy else session.models.student_path):
+                raise
+
+
+def evaluate_models(session: Session, eval_recs: list) -> dict:
+    """The trained student, the initial student and (eval.teacher) the teacher, on the same problems and seeds.
+    Off-policy objectives' workers held the teacher: they are given the student and its trained weights first."""
+    if not session.on_policy:
+        session.rollouts.run("load_model", session.models.student_path)
+        session.sync.sync()
+    results = {"student": evaluate(session, eval_recs, None),
+               "student_initial": evaluate(session, eval_recs, session.models.student_path)}
+    if session.cfg.eval.teacher:
+        results["teacher"] = evaluate(session, eval_recs, session.models.teacher_path)
+    return results

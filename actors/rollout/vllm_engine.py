@@ -43,17 +43,13 @@ from actors.runtime.faults import injected
 from actors.rollout.engine import EngineUnusableError, Generation, RolloutEngine, SamplingParams
 from actors.sync.buckets import metas_to_wire
 from eopd_ray.models import checkpoint_aliases, checkpoint_shapes
+from eopd_ray.seeds import request_seed
 
 BACKEND = "eopd"  # the weight-transfer backend that actors/vllm_worker.py registers with vLLM
 WORKER_EXTENSION = "actors.rollout.vllm_worker.EngineWorkerExtension"  # imported by vLLM in every worker
 MIN_VLLM = "0.28"  # weight-transfer sessions owned by a pluggable backend, with the abstract methods used here
 # The object-store path sends pickled pairs in pieces of about this size: one msgpack `bin` holds < 4 GiB.
 _RPC_CHUNK_BYTES = 512 << 20
-
-
-def _request_seed(seed: int, i: int) -> int:
-    """A per-request seed so that a batch's samples depend only on (seed, position), as in the CPU engine."""
-    return (seed * 1_000_003 + i * 7_919) % (2**31 - 1)
 
 
 def vllm_requests(prompt_ids: list[np.ndarray], params: SamplingParams) -> tuple[list[dict], list]:
@@ -64,7 +60,7 @@ def vllm_requests(prompt_ids: list[np.ndarray], params: SamplingParams) -> tuple
     requests = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids]
     sampling = [VllmSamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
                                    max_tokens=params.max_new_tokens, logprobs=0, detokenize=False,
-                                   seed=_request_seed(params.seed, i)) for i in range(len(requests))]
+                                   seed=request_seed(params.seed, i)) for i in range(len(requests))]
     return requests, sampling
 
 

@@ -30,7 +30,9 @@ from actors.runtime.dist import join_process_group, master_address
 from actors.runtime.faults import maybe_fail
 from eopd_ray.batch import SequenceBatch, list_rows, padded_float, padded_topk, sequence_batch
 from eopd_ray.config import LossConfig, TrainerConfig
-from eopd_ray.losses import TokenStats, eopd_loss, group_normalized_advantages
+from eopd_ray.seeds import gate_seed
+from eopd_ray.objectives import Objective, eopd_loss, get_objective, group_normalized_advantages
+from eopd_ray.stats import TokenStats
 from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
 
 # Metrics that are already normalised by the global token count: they add up over ranks.
@@ -93,9 +95,12 @@ def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 class StudentTrainer:
     def __init__(self, model_path: str, trainer: TrainerConfig, loss: LossConfig, rank: int, world_size: int,
                  vocab_size: int, pad_id: int, dtype: str = "float32", trust_remote_code: bool = False,
-                 num_threads: int | None = None, backend: str = "gloo", n_samples: int = 1):
+                 num_threads: int | None = None, backend: str = "gloo", n_samples: int = 1,
+                 objective: Objective | None = None):
         set_threads(num_threads)
         self.model_path, self.trainer, self.loss_cfg = model_path, trainer, loss
+        # Passed in (not looked up) so that an objective registered only in the driver's process trains here too.
+        self.objective = objective or get_objective(loss.objective)
         self.rank, self.world_size, self.vocab_size, self.pad_id = rank, world_size, vocab_size, pad_id
         self.dtype, self.trust_remote_code, self.backend = dtype, trust_remote_code, backend
         self.n_samples = n_samples  # responses per prompt: a mini-batch is mini_batch_size * n_samples rows
@@ -154,7 +159,7 @@ class StudentTrainer:
         rows = t.mini_batch_size * self.n_samples
         share = rows // self.world_size
         seq_adv = None
-        if self.loss_cfg.objective == "grpo":  # normalised within each prompt's group, over the whole batch
+        if self.objective.needs_rewards:  # group-normalised within each prompt's group, over the whole batch
             rewards = torch.from_numpy(rollout.column("correct").to_numpy(zero_copy_only=False).astype(np.float64))
             seq_adv = group_normalized_advantages(rewards, torch.from_numpy(rollout.column("sample_id").to_numpy()))
         sums: dict[str, float] = {}
@@ -162,8 +167,7 @@ class StudentTrainer:
         for mb, start in enumerate(range(0, rollout.num_rows, rows)):
             num_tokens = sum(len(r) for r in list_rows(rollout.column("response_ids").slice(start, rows)))
             mine = start + self.rank * share
-            gen = torch.Generator().manual_seed(
-                self.loss_cfg.random_seed * 1_000_003 + step * 10_007 + mb * 101 + self.rank)
+            gen = torch.Generator().manual_seed(gate_seed(self.loss_cfg.random_seed, step, mb, self.rank))
             metrics = self._update(rollout.slice(mine, share), teacher.slice(mine, share), num_tokens, gen,
                                    None if seq_adv is None else seq_adv[mine:mine + share])
             for key, value in metrics.items():
@@ -206,7 +210,7 @@ class StudentTrainer:
             logits_BTV = logits_BTV[..., :self.vocab_size]
             loss, metrics = eopd_loss(logits_BTV, batch.response_BT, old_logprobs_BT, teacher_stats,
                                       batch.response_mask_BT, self.loss_cfg, num_tokens=num_tokens, generator=gen,
-                                      sequence_advantages=adv)
+                                      sequence_advantages=adv, objective=self.objective)
             if not self._all_finite(loss):  # decided by every rank together, piece by piece
                 ids = rollout.column("sample_id").slice(a, b - a).to_pylist()
                 if self.trainer.on_nonfinite == "stop":

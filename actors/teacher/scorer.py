@@ -23,7 +23,7 @@ import torch
 
 from actors.runtime.faults import maybe_fail
 from eopd_ray.batch import list_rows, make_teacher_table, sequence_batch
-from eopd_ray.losses import TokenStats, token_stats_from_hidden
+from eopd_ray.stats import TokenStats, token_stats_from_hidden
 from eopd_ray.models import check_output_head, load_causal_lm, output_head, set_threads
 
 

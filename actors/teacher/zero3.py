@@ -25,7 +25,7 @@ import torch
 from actors.runtime.dist import join_process_group, master_address
 from actors.runtime.faults import maybe_fail
 from actors.teacher.scorer import TeacherScorer, _empty_columns
-from eopd_ray.losses import TokenStats
+from eopd_ray.stats import TokenStats
 from eopd_ray.models import load_causal_lm
 
 

@@ -3,16 +3,16 @@
     python examples/benchmarks/pipeline_overhead.py                 # tiny models, B = 32, 6 timed steps
     python examples/benchmarks/pipeline_overhead.py --teacher T --student S --steps 10 --batch 64
 
-Ray side: `examples/train_eopd.py`'s own pieces (`resolve_models`, `load_data`, `build_actors` over the
-builders of `actors.build` and `ObjectStoreWeightSync`, and `iteration`, the loop body): 1 rollout worker,
+Ray side: the main job's own pieces (`eopd_ray.run_setup.resolve_models` / `load_data`,
+`actors.driver.session.Session.build` and `actors.driver.phases.iteration`, the loop body): 1 rollout worker,
 1 teacher, 1 student rank (ZeRO-0); generate -> score -> train_step -> weight sync, timed by the driver.
 Alone: the same phases with the plain classes in this process (`RolloutWorker.rollout`,
 `TeacherScorer.score`, `StudentTrainer.train_step` with world size 1, `export_weights` +
 `update_weights`), the same seeds and prompts, the same thread count.
 
 Threads: the headline pass gives every actor and the lone process the product's thread count
-(`actors.build._threads`: all cores, for every actor); a second, diagnostic pass (`--actor-threads N`,
-default 1, skipped with --quick) sets N threads on both sides, to separate Ray's own cost from the cost of
+(`actors.driver.build.actor_threads`: all cores, for every actor); a second, diagnostic pass
+(`--actor-threads N`, default 1, skipped with --quick; `placement.actor_threads=N`) sets N threads on both sides, to separate Ray's own cost from the cost of
 several processes' OpenMP pools sharing the cores. `--threads` is not used here.
 
 Both pipelines start from the same weights and see the same prompts and seeds, so they do the same work
@@ -22,43 +22,32 @@ after one warm-up step each; the figure is the median over steps of (Ray step) /
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import dataclasses
 import time
 
 import _common as C  # noqa: E402  (sets sys.path and the Ray environment)
 
 
-def _train_eopd():
-    spec = importlib.util.spec_from_file_location("train_eopd", C.ROOT / "examples" / "train_eopd.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["train_eopd"] = mod  # dataclasses look their module up while it executes
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def run_pass(ctx: dict, threads: int, actor_threads: int | None) -> dict:
     """One interleaved run: Ray pipeline and the phases alone, both built fresh from the model files.
-    actor_threads: override the torch threads of every actor (diagnostic; None = the product's setting)."""
-    import actors.build as build
+    actor_threads: the torch threads of every actor (diagnostic; None = the product's setting)."""
+    from actors.driver.phases import iteration
+    from actors.driver.session import Session
     from actors.rollout.worker import RolloutWorker
-    from actors.student.trainer import StudentTrainer, free_port
+    from actors.runtime.dist import free_port
+    from actors.student.trainer import StudentTrainer
     from actors.teacher.scorer import TeacherScorer
 
-    te, cfg, models, batches, params = ctx["te"], ctx["cfg"], ctx["models"], ctx["batches"], ctx["params"]
-    # ---- Ray: train_eopd.py's own actor build and loop body ------------------------------------------
-    product_threads = build._threads
+    cfg, models, batches, params = ctx["cfg"], ctx["models"], ctx["batches"], ctx["params"]
     if actor_threads:
-        build._threads = lambda cfg: actor_threads  # read in this process when the actors are created
-    try:
-        t0 = time.perf_counter()
-        actors = te.build_actors(cfg, models, None)
-        build_s = time.perf_counter() - t0
-    finally:
-        build._threads = product_threads
+        cfg = dataclasses.replace(cfg, placement=dataclasses.replace(cfg.placement, actor_threads=actor_threads))
+    # ---- Ray: the main job's own actor build and step (actors/driver) ----------------------------------
+    t0 = time.perf_counter()
+    actors = Session.build(cfg, models)
+    build_s = time.perf_counter() - t0
 
     def ray_step(step: int) -> dict:
-        row = te.iteration(cfg, actors, step, batches[step])
+        row = iteration(actors, step, batches[step])
         rollout, score, train = row["time/rollout"], row["time/score"], row["time/train_phase"]
         return {"rollout": rollout, "score": score, "train": train, "sync": row["time/step"] - rollout - score - train,
                 "step": row["time/step"], "loss": row["loss/total"], "tokens": row["rollout/tokens"],
@@ -153,9 +142,11 @@ def main(argv=None) -> int:
                      "max_new_tokens": max_new, "teacher": teacher_dir, "student": student_dir,
                      "rollout_workers": 1, "teacher_workers": 1, "student_ranks": 1}
 
-    te = _train_eopd()
+    from actors.driver.build import actor_threads as product_actor_threads
     from actors.rollout.engine import SamplingParams
     from eopd_ray.config import load_config
+    from eopd_ray.run_setup import load_data, resolve_models
+    from eopd_ray.seeds import rollout_seed
 
     total = steps + 1
     cfg = load_config(None, [f"model.teacher={teacher_dir}", f"model.student={student_dir}",
@@ -163,21 +154,19 @@ def main(argv=None) -> int:
                              f"trainer.max_steps={total}", f"rollout.max_new_tokens={max_new}",
                              "rollout.num_workers=1", "teacher.num_workers=1", "trainer.num_ranks=1",
                              "data.num_train_problems=2048", "eval.enabled=false"])
-    models, tokenizer = te.resolve_models(cfg)
-    sampler, _ = te.load_data(cfg, tokenizer)
+    models, tokenizer = resolve_models(cfg)
+    sampler, _ = load_data(cfg, tokenizer)
     batches = [sampler.next_batch() for _ in range(total)]
     t = cfg.trainer
 
     def params(step: int, i: int = 0) -> SamplingParams:
         return SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                              seed=t.seed * 1_000_003 + step * 1009 + i)
+                              seed=rollout_seed(t.seed, step, i))
 
-    import actors.build as build
-
-    product_threads = build._threads(cfg)  # what every actor of a run gets (all cores)
+    product_threads = product_actor_threads(cfg)  # what every actor of a run gets (all cores)
     report.config["product_actor_threads"] = product_threads
     ray = C.init_local_ray()
-    ctx = dict(te=te, cfg=cfg, models=models, batches=batches, params=params, ray=ray)
+    ctx = dict(cfg=cfg, models=models, batches=batches, params=params, ray=ray)
     passes = [("", product_threads, None)]  # headline: the product's setting, on both sides
     if args.actor_threads or not q:
         n = args.actor_threads or 1

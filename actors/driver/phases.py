@@ -1,0 +1,111 @@
+"""The phases of one step of Algorithm 1 and the step itself: generate, score, train, sync (and check).
+
+Payloads move between actors as object refs; only small stats dicts reach the driver. Every function takes
+the `Session` of actors (actors/driver/session.py) and returns metrics as flat dicts with slash names.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from actors.driver.session import ACTOR_DIED, Session
+from actors.rollout.engine import SamplingParams
+from actors.runtime.group import ActorGroup
+from eopd_ray.batch import list_rows
+from eopd_ray.seeds import rollout_seed
+from eopd_ray.sharding import shard_slices
+
+
+def rollout_phase(session: Session, step: int, prompts: list) -> tuple[list, list[dict]]:
+    """Sample one iteration's responses, split over the live rollout workers. A worker that dies leaves the
+    group and the phase is redone by the others (or by replacements when none is left): no student state
+    has changed yet, so nothing needs replaying from a checkpoint. Returns (rollout table refs, stats)."""
+    cfg = session.cfg
+    while True:
+        workers = session.rollouts.actors
+        shards = [prompts[s] for s in shard_slices(len(prompts), len(workers))]
+        roll = [a.rollout.options(num_returns=2).remote(
+            [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
+            SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
+                           seed=rollout_seed(cfg.trainer.seed, step, i)), cfg.rollout.n_samples_per_prompt)
+            for i, (a, s) in enumerate(zip(workers, shards)) if s]
+        try:
+            return [r[0] for r in roll], ray.get([r[1] for r in roll])
+        except ACTOR_DIED:
+            if not session.recover_rollout_workers(f"at step {step + 1}"):
+                raise
+
+
+def score_rollouts(teachers: ActorGroup, rollout_refs: list, zero3: bool) -> tuple[list, list[dict]]:
+    """The score phase: (teacher table refs, one per rollout ref in the same order; the stats dict of each).
+    The rollouts are sharded over the teacher workers. Whole-model workers take one call per rollout (Ray
+    pipelines them); a ZeRO-3 group (`actors/teacher/zero3.py`) takes one collective call per worker with its
+    whole share, since its workers must run in step."""
+    n = len(teachers)
+    slices = shard_slices(len(rollout_refs), n)
+    if not zero3:
+        owner = [w for w, s in enumerate(slices) for _ in range(s.start, s.stop)]
+        scored = [teachers.actors[owner[i]].score.options(num_returns=2).remote(ref)
+                  for i, ref in enumerate(rollout_refs)]
+        return [s[0] for s in scored], ray.get([s[1] for s in scored])
+    shares = [rollout_refs[s] for s in slices]
+    outs = [a.score_shards.options(num_returns=len(share) + 1).remote(*share)
+            for a, share in zip(teachers.actors, shares)]
+    outs = [out if share else [out] for out, share in zip(outs, shares)]  # num_returns=1 gives a bare ref
+    _wait_for_group(teachers, [out[-1] for out in outs])
+    stats_per_worker = ray.get([out[-1] for out in outs])
+    refs = [ref for out, share in zip(outs, shares) for ref in out[:len(share)]]
+    return refs, [stats for per_worker in stats_per_worker for stats in per_worker]
+
+
+def _wait_for_group(teachers: ActorGroup, pending: list) -> None:
+    """Wait for every worker's call, raising as soon as one fails. When a worker dies, its peers' collectives
+    may fail first (or hang): the death itself is raised then, which the training loop recovers from, rather
+    than a peer's error."""
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+    except ray.exceptions.RayTaskError:
+        pings = [a.ping.remote() for a in teachers.actors]
+        # One deadline for all: live peers may be stuck in a collective and never answer.
+        for ping in ray.wait(pings, num_returns=len(pings), timeout=30)[0]:
+            ray.get(ping)  # a dead worker raises ActorDiedError here
+        raise
+
+
+def check_sync(session: Session, rollout_ref, rows: int = 4) -> dict:
+    """After the first sync of these actors: the engines' teacher-forced log-probs of a few sampled rows equal
+    the student's (`WeightSync.verify`), so a sync that silently sends nothing or the wrong tensors stops the
+    run at its first step rather than training on stale samples."""
+    table = ray.get(rollout_ref).slice(0, rows)
+    pairs = [(p, r) for p, r in zip(list_rows(table.column("prompt_ids")), list_rows(table.column("response_ids")))
+             if len(r)]
+    # the limits follow the dtype engines and student run in (float32: rounding only; bf16: kernel noise)
+    metrics = session.sync.verify([p for p, _ in pairs], [r for _, r in pairs], session.cfg.model.dtype)
+    session.sync_checked = bool(metrics)  # no response tokens in these rows: check after the next sync
+    return metrics
+
+
+def iteration(session: Session, step: int, prompts: list) -> dict:
+    """One step of Algorithm 1: generate, score, train, sync. Returns the step's metrics row."""
+    cfg = session.cfg
+    t0 = time.perf_counter()
+    rollout_refs, rollout_stats = rollout_phase(session, step, prompts)
+    t1 = time.perf_counter()
+    teacher_refs, teacher_stats = score_rollouts(session.teachers, rollout_refs, cfg.teacher.zero_stage == 3)
+    t2 = time.perf_counter()
+    train_metrics = session.students.run("train_step", step, len(rollout_refs), *rollout_refs, *teacher_refs)[0]
+    t3 = time.perf_counter()
+    sync_metrics = session.sync.sync() if session.on_policy else {}
+    if session.on_policy and cfg.placement.check_sync and not session.sync_checked:
+        sync_metrics.update(check_sync(session, rollout_refs[0]))
+    row = {"step": step + 1, **train_metrics, **sync_metrics, "rollout/workers": len(rollout_refs)}
+    for stats in (rollout_stats, teacher_stats):
+        for key in stats[0]:
+            row[key] = sum(s[key] for s in stats) / len(stats)
+    row.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/train_phase": t3 - t2,
+                "time/step": time.perf_counter() - t0})
+    return row

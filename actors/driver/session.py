@@ -1,0 +1,89 @@
+"""The session of actors of a run: the rollout, teacher and student groups and the weight sync between them,
+built from the config, rebuilt from a checkpoint after a fault, and grown back when rollout workers leave."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from actors.driver.build import build_rollouts, build_students, build_teachers, build_weight_sync
+from actors.runtime.group import ActorGroup
+from actors.sync.base import WeightSync
+from eopd_ray.config import RunConfig
+from eopd_ray.run_setup import ResolvedModels
+
+# What a lost worker process looks like from the driver.
+ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
+              ray.exceptions.WorkerCrashedError)
+
+
+@dataclass
+class Session:
+    cfg: RunConfig
+    models: ResolvedModels
+    rollouts: ActorGroup
+    teachers: ActorGroup
+    students: ActorGroup
+    sync: WeightSync
+    sync_checked: bool = False  # the engines' log-probs were compared with the student's after a sync
+
+    @property
+    def on_policy(self) -> bool:
+        """False for objectives that learn from the teacher's samples: their rollout workers hold the teacher."""
+        return not self.cfg.loss.spec.samples_from_teacher
+
+    @classmethod
+    def build(cls, cfg: RunConfig, models: ResolvedModels, ckpt: Path | None = None) -> "Session":
+        """Rollout, teacher and student groups; the student (and the rollout copy) restored from `ckpt`."""
+        t0 = time.perf_counter()
+        rollouts, teachers = build_rollouts(cfg, models), build_teachers(cfg, models)
+        students = build_students(cfg, models)
+        session = cls(cfg, models, rollouts, teachers, students, build_weight_sync(cfg, students, rollouts))
+        if ckpt is not None:
+            students.run("load", str(ckpt))
+            if session.on_policy:
+                session.sync.sync()
+        ray.get(rollouts.call("ping") + teachers.call("ping"))
+        print(f"actors ready in {time.perf_counter() - t0:.1f} s: {len(rollouts)} rollout, {len(teachers)} teacher, "
+              f"{len(students)} student rank(s)")
+        return session
+
+    def rebuild(self, ckpt: Path | None) -> None:
+        """After a teacher or student worker died: every group anew, the student from `ckpt`."""
+        self.shutdown()
+        fresh = Session.build(self.cfg, self.models, ckpt)
+        self.rollouts, self.teachers, self.students, self.sync = fresh.rollouts, fresh.teachers, fresh.students, fresh.sync
+        self.sync_checked = False
+
+    def shutdown(self) -> None:
+        for group in (self.rollouts, self.teachers, self.students):
+            group.shutdown()
+
+    # -- elasticity -----------------------------------------------------------------------------------------
+    def admit_rollout_workers(self, wait_s: float = 0.0, student_path: str | None = None) -> int:
+        """Bring the rollout group back to rollout.num_workers when the cluster can place workers again (an
+        elastic cluster scaling up); new workers get the current student weights (after loading `student_path`
+        when they start with another model: off-policy KD's workers hold the teacher until the evaluation).
+        Returns how many joined."""
+        joined = self.rollouts.grow(self.cfg.rollout.num_workers, wait_s)
+        if joined:
+            if student_path:
+                ray.get([a.load_model.remote(student_path) for a in joined])
+            if self.on_policy or student_path:
+                self.sync.sync()
+            tqdm.write(f"[elastic] {len(joined)} rollout worker(s) joined; {len(self.rollouts)} working")
+        return len(joined)
+
+    def recover_rollout_workers(self, where: str, student_path: str | None = None) -> bool:
+        """After an actor error: drop the rollout workers that died and admit replacements (waiting for one when
+        none is left). False when no rollout worker died (the error is another actor's) or none is working."""
+        lost = self.rollouts.drop_dead()
+        if not lost:
+            return False
+        tqdm.write(f"[elastic] {lost} rollout worker(s) left {where}; {len(self.rollouts)} still working")
+        self.admit_rollout_workers(600.0 if not self.rollouts.actors else 0.0, student_path)
+        return bool(self.rollouts.actors)

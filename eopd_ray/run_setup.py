@@ -1,0 +1,122 @@
+"""What a run needs before Ray starts, each piece checked: the resolved config, the models (local paths and
+the shared vocabulary), the prompts, and the checkpoint to resume from. No Ray, no actors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from eopd_ray import checkpoint
+from eopd_ray.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
+from eopd_ray.data import DataError, PromptRecord, PromptSampler, load_rows, synthetic_rows, tokenize_rows
+from eopd_ray.models import architecture_mismatch, load_tokenizer, output_rows
+from eopd_ray.run_io import OutputDirError, check_out_dir
+from eopd_ray.vocab import VocabMismatchError, shared_vocab_size
+
+# What `prepare_run` raises for bad input (the message names the value and the fix); a recipe prints it and
+# exits with status 2 before anything has started.
+SETUP_ERRORS = (ConfigError, DataError, VocabMismatchError, OutputDirError, checkpoint.CheckpointError)
+
+
+@dataclass
+class ResolvedModels:
+    """Local paths of teacher and student and their shared (real) vocabulary."""
+
+    teacher_path: str
+    student_path: str
+    vocab_size: int
+    pad_id: int
+
+
+@dataclass
+class RunSetup:
+    cfg: RunConfig
+    models: ResolvedModels
+    sampler: PromptSampler  # training prompts, positioned at the step to run next
+    eval_recs: list[PromptRecord]  # held-out problems of the final evaluation
+    out_dir: Path
+    ckpt: Path | None  # the checkpoint resumed from, or None
+    start_step: int
+
+
+def resolve_config(config: str | None, overrides: list[str], out: str | None = None,
+                   resume: str | None = None) -> RunConfig:
+    """Defaults, the YAML preset, the overrides; when resuming a run without --config, its saved config
+    replaces the defaults and preset. Validated."""
+    if resume and not config and (Path(resume) / "config.json").exists():
+        saved = json.loads((Path(resume) / "config.json").read_text())
+        cfg = apply_overrides(config_from_dict(saved), overrides)  # the saved run, then the command line
+    else:
+        cfg = load_config(config, overrides)
+    if out:
+        cfg.out_dir = out
+    elif resume:
+        cfg.out_dir = resume
+    return cfg.validate()
+
+
+def resolve_models(cfg: RunConfig):
+    """(ResolvedModels, the student's tokenizer); `tiny` is built (once) and cached."""
+    teacher, student = cfg.model.teacher, cfg.model.student
+    if "tiny" in (teacher, student):
+        from eopd_ray.tiny_models import ensure_tiny_models
+
+        tiny_teacher, tiny_student = ensure_tiny_models(cache_dir=cfg.model.tiny_cache_dir or None)
+        teacher = tiny_teacher if teacher == "tiny" else teacher
+        student = tiny_student if student == "tiny" else student
+    trc = cfg.model.trust_remote_code
+    t_tok, s_tok = load_tokenizer(teacher, trc), load_tokenizer(student, trc)
+    vocab = shared_vocab_size(t_tok, s_tok, output_rows(teacher, trc), output_rows(student, trc))
+    return ResolvedModels(str(teacher), str(student), vocab, s_tok.pad_token_id), s_tok
+
+
+def load_data(cfg: RunConfig, tokenizer) -> tuple[PromptSampler, list[PromptRecord]]:
+    """(sampler over the training prompts, held-out records), tokenised and length-checked."""
+    d = cfg.data
+    train = load_rows(d.train_path, d.prompt_key, d.answer_key) if d.train_path else \
+        synthetic_rows(d.num_train_problems, d.seed, "train")
+    held = load_rows(d.eval_path, d.eval_prompt_key or d.prompt_key, d.eval_answer_key or d.answer_key) \
+        if d.eval_path else synthetic_rows(d.num_eval_problems, d.seed, "test")
+    train_recs = tokenize_rows(train, tokenizer, d.max_prompt_tokens, d.train_path or "synthetic train split",
+                               d.prompt_suffix)
+    eval_recs = tokenize_rows(held[:d.num_eval_problems], tokenizer, d.max_prompt_tokens,
+                              d.eval_path or "synthetic test split", d.prompt_suffix + d.eval_prompt_suffix)
+    return PromptSampler(train_recs, cfg.trainer.batch_size, d.seed), eval_recs
+
+
+def find_checkpoint(resume: str | None) -> Path | None:
+    """The checkpoint `--resume` names: a checkpoint directory, or the newest complete one of a run."""
+    if not resume:
+        return None
+    path = Path(resume)
+    ckpt = path if checkpoint.is_complete(path) else checkpoint.latest(path / "checkpoints")
+    if ckpt is None:
+        raise checkpoint.CheckpointError(f"--resume {resume}: no complete checkpoint found (looked for {path}/checkpoints/"
+                                         "step_*/MANIFEST.json); start without --resume or point at a run directory")
+    return ckpt
+
+
+def restore_driver_state(ckpt: Path | None, sampler: PromptSampler) -> int:
+    """Data position and step of a checkpoint (or of a fresh start); returns the step to run next."""
+    if ckpt is None:
+        sampler.load_state_dict({"epoch": 0, "position": 0})
+        return 0
+    state = json.loads((ckpt / "driver_state.json").read_text())
+    sampler.load_state_dict(state["sampler"])
+    return int(state["step"])
+
+
+def prepare_run(cfg: RunConfig, resume: str | None = None) -> RunSetup:
+    """Check and load everything before any actor starts; raises one of SETUP_ERRORS on bad input."""
+    ckpt = find_checkpoint(resume)
+    if ckpt is None and cfg.auto_resume:
+        ckpt = checkpoint.latest(Path(cfg.out_dir) / "checkpoints")
+        print(f"auto_resume: {'found ' + str(ckpt) if ckpt else 'no checkpoint in ' + cfg.out_dir + ', starting fresh'}")
+    out_dir = check_out_dir(cfg.out_dir)
+    models, tokenizer = resolve_models(cfg)
+    if ckpt is not None and (diff := architecture_mismatch(str(ckpt / "hf"), models.student_path)):
+        raise checkpoint.CheckpointError(f"checkpoint {ckpt} belongs to another model ({'; '.join(diff)}); resume "
+                                         "with the model.student it was trained from, or start a new --out")
+    sampler, eval_recs = load_data(cfg, tokenizer)
+    return RunSetup(cfg, models, sampler, eval_recs, out_dir, ckpt, restore_driver_state(ckpt, sampler))
