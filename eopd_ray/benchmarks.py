@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 from eopd_ray.grading import extract_boxed
 
 __all__ = ["PROMPT_SUFFIX", "BenchmarkSpec", "BENCHMARKS", "BenchmarkFormatError", "load_benchmark",
-           "default_data_root", "format_prompt", "benchmark_path"]
+           "default_data_root", "with_instruction", "benchmark_path"]
 
 PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 DATA_ROOT_ENV = "EOPD_DATA_ROOT"
@@ -39,7 +39,7 @@ class BenchmarkFormatError(ValueError):
     """A benchmark row is malformed (the message names the file and the line or row)."""
 
 
-def format_prompt(question: str) -> str:
+def with_instruction(question: str) -> str:
     """The paper's zero-shot prompt: the problem, a newline, then the Appendix C instruction."""
     return question.rstrip() + "\n" + PROMPT_SUFFIX
 
@@ -309,7 +309,7 @@ def _convert(spec: BenchmarkSpec, where: str, raw: Any, index: int) -> dict:
         raise BenchmarkFormatError(f"{where}: bad answer in field {field_name!r}: {e}") from None
     rid = raw.get(spec.id_field) if spec.id_field else None
     rid = str(rid) if rid is not None and str(rid) != "" else str(index)
-    return {"id": rid, "prompt": format_prompt(question), "answer": answer, "benchmark": spec.name}
+    return {"id": rid, "prompt": with_instruction(question), "answer": answer, "benchmark": spec.name}
 
 
 def load_benchmark(name: str, path: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,

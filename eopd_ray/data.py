@@ -102,11 +102,11 @@ def synthetic_rows(n: int, seed: int, split: str) -> list[dict]:
     """Rows of the embedded arithmetic task (eopd_ray.task)."""
     from eopd_ray import task
 
-    return [{"id": p.id, "prompt": task.format_prompt(p), "answer": p.answer}
+    return [{"id": p.id, "prompt": p.prompt, "answer": p.answer}
             for p in task.make_problems(n, seed=seed, split=split)]
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
+def chat_prompt(tokenizer, prompt: str) -> str:
     """The teacher's chat template in non-thinking mode (paper, Appendix A) when the tokenizer has one."""
     if getattr(tokenizer, "chat_template", None):
         kwargs = {"enable_thinking": False}
@@ -122,7 +122,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_prompt_tokens: int, source: s
         log.warning("tokenizer has no chat template: prompts from %s are used as raw text", source)
     records = []
     for i, row in enumerate(rows):
-        text = format_prompt(tokenizer, row["prompt"] + suffix)
+        text = chat_prompt(tokenizer, row["prompt"] + suffix)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise DataError(f"{source} row {i}: the prompt tokenises to nothing")

@@ -101,11 +101,6 @@ def make_problems(n: int, seed: int = 0, split: str = "train", min_terms: int = 
     return out
 
 
-def format_prompt(problem: Problem) -> str:
-    """The plain text the model is prompted with (the tokenizer's chat template adds ``<bos>``)."""
-    return problem.prompt
-
-
 def _as_rng(rng) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
@@ -218,7 +213,7 @@ def read_jsonl(path: str | Path) -> list[Problem]:
 
 
 __all__ = [
-    "Problem", "make_problems", "sample_terms", "split_of", "problem_from_terms", "format_prompt",
+    "Problem", "make_problems", "sample_terms", "split_of", "problem_from_terms",
     "sample_trace", "solution_traces", "canonical_trace", "all_traces", "next_char_distributions",
     "branching", "is_valid_trace", "extract_answer", "grade", "write_jsonl", "read_jsonl",
 ]

@@ -170,7 +170,7 @@ def _batch(rng: np.random.Generator, cfg: TinyModelsConfig, spec: TinyModelSpec,
         p = T.problem_from_terms(T.sample_terms(rng, "train", k, k, cfg.max_term, cfg.distinct))
         canonical = spec.traces == "canonical" or rng.random() < spec.canonical_frac
         trace = T.canonical_trace(p) if canonical else T.sample_trace(p, rng)
-        prompt = [tok.bos_token_id] + [_CHAR_IDS[c] for c in T.format_prompt(p)]
+        prompt = [tok.bos_token_id] + [_CHAR_IDS[c] for c in p.prompt]
         rows.append(prompt + [_CHAR_IDS[c] for c in trace] + [tok.eos_token_id])
         pos, tid, pr = _targets(tuple(sorted(p.terms)), trace, soft and not canonical, tok.eos_token_id)
         trips.append((pos + len(prompt) - 1, tid, pr))  # logits at len(prompt) - 1 + i predict position i
@@ -354,7 +354,7 @@ def _evaluate(model, tok, jobs: list, temperature: float, batch_size: int, max_n
     ents, branch = [], []
     for s in range(0, len(jobs), batch_size):
         chunk = jobs[s: s + batch_size]
-        enc = tok.apply_chat_template([[{"role": "user", "content": T.format_prompt(p)}] for p in chunk],
+        enc = tok.apply_chat_template([[{"role": "user", "content": p.prompt}] for p in chunk],
                                       tokenize=True, add_generation_prompt=True, padding=True,
                                       return_tensors="pt", return_dict=True)
         out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,

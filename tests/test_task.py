@@ -51,7 +51,7 @@ def test_every_order_is_reachable_and_uniform():
 
 def test_canonical_trace_and_examples():
     p = T.problem_from_terms([3, 5, 2])
-    assert p.prompt == "3+5+2=" and p.answer == "10" and T.format_prompt(p) == "3+5+2="
+    assert p.prompt == "3+5+2=" and p.answer == "10" and p.prompt == "3+5+2="
     assert T.canonical_trace(p) == "3+5=8;8+2=10;#10"
     assert "5+2=7;7+3=10;#10" in T.all_traces(p)
     assert T.extract_answer(T.canonical_trace(p)) == "10"

@@ -38,7 +38,7 @@ def built(tmp_path_factory):
 def test_tokenizer_round_trip_and_single_digit_tokens():
     tok = build_tokenizer()
     p = T.problem_from_terms([13, 5, 2])
-    for text in (T.format_prompt(p), T.canonical_trace(p), "5+2=7;7+3=10;#10", "a b\nc?"):
+    for text in (p.prompt, T.canonical_trace(p), "5+2=7;7+3=10;#10", "a b\nc?"):
         ids = tok(text, add_special_tokens=True)["input_ids"]
         assert len(ids) == len(text)  # one token per character, no special token added on encode
         assert tok.decode(ids) == text
