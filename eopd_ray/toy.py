@@ -139,7 +139,7 @@ def reward_update(s: np.ndarray, x: int, log_p_teacher: np.ndarray, lr: float,
 def forward_kl_grad(s: np.ndarray, teacher_topk_ids: np.ndarray,
                     teacher_topk_logprobs: np.ndarray) -> tuple[np.ndarray, float]:
     """Gradient w.r.t. the student logits of eq. 10, ``KL(p~_te || P_S)`` over the teacher's top-k with the
-    teacher renormalised over its top-k, via `eopd_ray.losses.forward_kl_topk` and autograd.
+    teacher renormalised over its top-k, via `eopd_ray.objectives.terms.forward_kl_topk` and autograd.
 
     ``P_S`` is the FULL softmax over the student's logits, not the capacity-limited ``P_S10``: in the LLM
     setting pi_theta is the model's full-vocabulary distribution (the capacity limit is a sampling

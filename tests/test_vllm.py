@@ -5,7 +5,7 @@ disk) for tied and untied models, with the post-sync check catching stale weight
 Tolerances: vLLM and the reference run the same float32 model; vLLM's CPU kernels (repacked GEMMs, its own
 attention) and summation order differ, which moves a per-token log-prob by a few 1e-6 on these models
 (printed by the tests). A float32 bound of 1e-4 is 10-100x that, and 300x below the 0.032 that a stale tied
-head caused; the post-sync check itself uses its float32 limits (actors/sync_check.py).
+head caused; the post-sync check itself uses its float32 limits (actors/sync/check.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ engine, side by side in one process (vLLM's CPU build on a CPU machine).
     python examples/benchmarks/vllm_rollout.py --quick --no-large
 
 vLLM variants, run interleaved on one `LLM` object (`worker.engine.llm`), the same prompts and the same
-per-request vLLM SamplingParams (`actors.vllm_engine.vllm_requests`: temperature 1, top-p 1, the sampled
+per-request vLLM SamplingParams (`actors.rollout.vllm_engine.vllm_requests`: temperature 1, top-p 1, the sampled
 token's log-prob, a seed per request), so all three sample the same tokens:
   bare    `LLM.generate(...)`, outputs left as vLLM returns them;
   engine  `VLLMEngine.generate` (adds the per-token log-prob arrays);

@@ -3,7 +3,7 @@
     python examples/benchmarks/weight_sync.py                       # tiny student + random Qwen3s
     python examples/benchmarks/weight_sync.py --sizes 1024x8x32000,2048x4x151936
 
-Per size: one student rank (`actors.build.build_students`, ZeRO-0) and one rollout worker
+Per size: one student rank (`actors.driver.build.build_students`, ZeRO-0) and one rollout worker
 (`build_rollouts`) holding the same model, then `ObjectStoreWeightSync.sync()` (rank 0's
 `export_weights` -> object store -> the worker's `update_weights`), timed by the driver, and the same path
 split in two: export + put (until the ref is ready: `ray.wait`) and get + load (the worker's call; its
