@@ -1,15 +1,11 @@
-"""compare_methods.py's summary over seeds: means, sample standard deviations and the table."""
+"""The comparison's summary over seeds (eopd_ray/comparison.py): means, sample standard deviations, the table."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import compare_methods as cm  # noqa: E402
+from eopd_ray import comparison as cm
 
 
 def _run(avg, pas, frac, fkl, wall):
