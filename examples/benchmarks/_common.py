@@ -207,6 +207,23 @@ def tiny_pair(teacher: str | None, student: str | None) -> tuple[str, str]:
     return str(teacher or t), str(student or s)
 
 
+def synthetic_prompts(student: str, n: int) -> tuple[list, list[str]]:
+    """n prompts of the embedded task tokenised for `student` (the rollout benchmarks' workload) and answers."""
+    from eopd_ray.data import synthetic_rows, tokenize_rows
+    from eopd_ray.models import load_tokenizer
+
+    recs = tokenize_rows(synthetic_rows(n, 3, "train"), load_tokenizer(student), 64, "synthetic")
+    return [r.prompt_ids for r in recs], [r.answer for r in recs]
+
+
+def rollout_parser(doc: str, lengths: str) -> argparse.ArgumentParser:
+    """The rollout benchmarks' options: the base ones plus --batch and --max-new-tokens."""
+    p = base_parser(doc)
+    p.add_argument("--batch", type=int, default=0, help="prompts per call (default 32; quick 8)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help=lengths)
+    return p
+
+
 @dataclass(frozen=True)
 class RandomSpec:
     """A randomly initialised Qwen3 (the shape is what matters for speed and memory)."""

@@ -83,10 +83,7 @@ def bench(name: str, model_path: str, prompts: list[np.ndarray], answers: list[s
 
 
 def main(argv=None) -> int:
-    p = C.base_parser(__doc__)
-    p.add_argument("--batch", type=int, default=0, help="prompts per call (default 32; large config 8)")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="default 40 (tiny), 48 (large)")
-    args = p.parse_args(argv)
+    args = C.rollout_parser(__doc__, "default 40 (tiny), 48 (large)").parse_args(argv)
     t_start = time.perf_counter()
     threads = C.set_threads(args)
     q = args.quick
@@ -94,14 +91,9 @@ def main(argv=None) -> int:
     _, student = C.tiny_pair(args.teacher, args.student)
     report = C.Report("rollout_throughput")
 
-    from eopd_ray.data import synthetic_rows, tokenize_rows
-    from eopd_ray.models import load_tokenizer
-
     batch = args.batch or (8 if q else 32)
     max_new = args.max_new_tokens or (16 if q else 40)
-    recs = tokenize_rows(synthetic_rows(batch, 3, "train"), load_tokenizer(student), 64, "synthetic")
-    bench("student", student, [r.prompt_ids for r in recs], [r.answer for r in recs], max_new, reps, threads,
-          report, "")
+    bench("student", student, *C.synthetic_prompts(student, batch), max_new, reps, threads, report, "")
     large = C.large_spec(args)
     cfg = {"reps": reps, "large_reps": large_reps, "threads": threads, "student": student, "batch": batch,
            "max_new_tokens": max_new}

@@ -76,10 +76,7 @@ def bench(name: str, model_path: str, prompts: list[np.ndarray], answers: list[s
 
 
 def main(argv=None) -> int:
-    p = C.base_parser(__doc__)
-    p.add_argument("--batch", type=int, default=0, help="prompts per call (default 32; quick 8)")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="default 64 (quick 16)")
-    args = p.parse_args(argv)
+    args = C.rollout_parser(__doc__, "default 64 (quick 16)").parse_args(argv)
     t_start = time.perf_counter()
     threads = C.set_threads(args)
     q = args.quick
@@ -87,14 +84,10 @@ def main(argv=None) -> int:
     _, student = C.tiny_pair(args.teacher, args.student)
     report = C.Report("vllm_rollout")
 
-    from eopd_ray.data import synthetic_rows, tokenize_rows
-    from eopd_ray.models import load_tokenizer
-
     batch = args.batch or (8 if q else 32)
     max_new = args.max_new_tokens or (16 if q else 64)
-    recs = tokenize_rows(synthetic_rows(batch, 3, "train"), load_tokenizer(student), 64, "synthetic")
-    bench("tiny student", student, [np.asarray(r.prompt_ids) for r in recs], [r.answer for r in recs], max_new,
-          reps, threads, report, "")
+    prompts, answers = C.synthetic_prompts(student, batch)
+    bench("tiny student", student, [np.asarray(p) for p in prompts], answers, max_new, reps, threads, report, "")
     cfg = {"reps": reps, "threads": threads, "student": student, "batch": batch, "max_new_tokens": max_new}
     if not args.no_large:
         # head_dim 64 (a size vLLM's CPU attention takes); a small vocabulary keeps the head cheap
