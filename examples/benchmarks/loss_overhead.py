@@ -78,7 +78,8 @@ def make_tables(model, vocab: int, rows: int, prompt_len: int, resp_len: int, se
 
 def bench_step(name: str, model_path: str, rows: int, mini: int, prompt_len: int, resp_len: int, reps: int,
                threads: int, report: C.Report, memory_jobs: list) -> None:
-    from actors.student.trainer import StudentTrainer, free_port
+    from actors.runtime.dist import free_port
+    from actors.student.trainer import StudentTrainer
     from eopd_ray.config import load_config
     from eopd_ray.models import load_tokenizer
 
