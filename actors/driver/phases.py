@@ -57,7 +57,8 @@ def score_rollouts(teachers: ActorGroup, rollout_refs: list, zero3: bool) -> tup
     _wait_for_group(teachers, [out[-1] for out in outs])
     stats_per_worker = ray.get([out[-1] for out in outs])
     refs = [ref for out, share in zip(outs, shares) for ref in out[:len(share)]]
-    return refs, [stats for per_worker in stats_per_worker for stats in per_worker]
+    # a worker without a share answers ([],) through its single return: take as many stats as it had rollouts
+    return refs, [stats for per_worker, share in zip(stats_per_worker, shares) for stats in per_worker[:len(share)]]
 
 
 def _wait_for_group(teachers: ActorGroup, pending: list) -> None:
