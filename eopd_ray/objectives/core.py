@@ -1,6 +1,12 @@
 """The shared core of every objective: one float32 log-softmax of the student logits, shared between the
 ratio, the entropy and the forward KL; sanitising; one gather; the loss assembled from the objective's terms;
-the metrics (flat dict, slash names). See `registry.py` for what an objective supplies."""
+the metrics (flat dict, slash names). See `registry.py` for what an objective supplies.
+
+Two front ends share everything after the student's per-position log-probs (`_assemble`): `eopd_loss` takes
+(B, T, V) logits; `eopd_loss_from_hidden` takes final hidden states and the model's output head, and builds
+the logits of at most `chunk_size` response positions at a time (recomputed in backward), which bounds the
+student's logits memory by chunk_size x V instead of B x T x V (at the paper's V = 151,936 and 4k-token
+responses, several GB per micro-batch in float32)."""
 
 from __future__ import annotations
 
@@ -39,35 +45,102 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
     Values outside the mask (teacher, old log-probs, token ids) are never read into the loss; student logits
     there must be finite. Returns (loss, metrics) with metrics a flat dict of floats.
     """
+    obj = _objective(cfg, objective, sequence_advantages)
+    _check_shapes(tuple(student_logits.shape[:-1]), tokens, old_logprobs, mask)
+    mask_BT = mask.bool()
+    logq_BTV = torch.log_softmax(student_logits.to(compute_dtype(student_logits.dtype)), dim=-1)
+    tokens_BT = torch.where(mask_BT, tokens.long(), 0)
+    t_ids_BTK = torch.where(mask_BT.unsqueeze(-1), teacher.topk_ids.long(), 0)
+    logprobs_BT, logq_topk_BTK, student_ent_BT = _picked(logq_BTV, tokens_BT, t_ids_BTK, obj.trains_entropy)
+    return _assemble(obj, cfg, logprobs_BT, logq_topk_BTK, student_ent_BT, old_logprobs, teacher, mask_BT,
+                     num_tokens, generator, num_gated, sequence_advantages)
+
+
+def eopd_loss_from_hidden(hidden_BTH: torch.Tensor, head, tokens: torch.Tensor, old_logprobs: torch.Tensor,
+                          teacher: TokenStats, mask: torch.Tensor, cfg: Any, chunk_size: int = 1024,
+                          vocab_size: int | None = None, num_tokens: int | float | torch.Tensor | None = None,
+                          generator: torch.Generator | None = None,
+                          num_gated: int | float | torch.Tensor | None = None,
+                          sequence_advantages: torch.Tensor | None = None,
+                          objective: Objective | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """`eopd_loss` of `head(hidden)[..., :vocab_size]` without the (B, T, V) logits: only the response positions
+    go through the output head, `chunk_size` of them at a time, and each chunk's logits are recomputed in the
+    backward pass (activation checkpointing), so at most one chunk's (chunk_size, V) logits exist at once.
+
+    hidden_BTH (B, T, H) final hidden states aligned with tokens (B, T); head: a function (n, H) -> (n, V_rows)
+    logits, the model's own output head (soft-capping and logit scales included: `eopd_ray.models.output_head`).
+    The rest as `eopd_loss`; the loss, its gradients and the metrics equal it up to summation order."""
+    from torch.utils.checkpoint import checkpoint
+
+    obj = _objective(cfg, objective, sequence_advantages)
+    _check_shapes(tuple(hidden_BTH.shape[:-1]), tokens, old_logprobs, mask)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    mask_BT = mask.bool()
+    hidden_NH = hidden_BTH[mask_BT]  # the response positions only, in row-major order
+    tokens_N = tokens[mask_BT].long()
+    t_ids_NK = teacher.topk_ids[mask_BT].long()
+
+    def chunk(h_cH: torch.Tensor, tok_c: torch.Tensor, ids_cK: torch.Tensor):
+        logits_cV = head(h_cH)
+        logits_cV = logits_cV[..., :vocab_size] if vocab_size is not None else logits_cV
+        logq_cV = torch.log_softmax(logits_cV.to(compute_dtype(logits_cV.dtype)), dim=-1)
+        return _picked(logq_cV, tok_c, ids_cK, obj.trains_entropy)
+
+    parts = [checkpoint(chunk, hidden_NH[s:s + chunk_size], tokens_N[s:s + chunk_size], t_ids_NK[s:s + chunk_size],
+                        use_reentrant=False) for s in range(0, hidden_NH.shape[0], chunk_size)]
+    if parts:
+        lp_N, topk_NK, ent_N = (torch.cat(x) for x in zip(*parts))
+    else:  # no response position: empty tensors of the right dtypes keep the loss a (zero) graph on hidden
+        lp_N, topk_NK, ent_N = chunk(hidden_NH, tokens_N, t_ids_NK)
+    zeros = torch.zeros(mask_BT.shape, dtype=lp_N.dtype, device=lp_N.device)
+    logprobs_BT = zeros.masked_scatter(mask_BT, lp_N)
+    logq_topk_BTK = zeros.unsqueeze(-1).expand(*mask_BT.shape, t_ids_NK.shape[-1]).masked_scatter(
+        mask_BT.unsqueeze(-1), topk_NK)
+    student_ent_BT = zeros.masked_scatter(mask_BT, ent_N)
+    return _assemble(obj, cfg, logprobs_BT, logq_topk_BTK, student_ent_BT, old_logprobs, teacher, mask_BT,
+                     num_tokens, generator, num_gated, sequence_advantages)
+
+
+def _objective(cfg: Any, objective: Objective | None, sequence_advantages) -> Objective:
     obj = objective or get_objective(cfg.objective)
     if obj.needs_rewards and sequence_advantages is None:
         raise ValueError(f"loss.objective={obj.name} needs sequence_advantages (B,): see group_normalized_advantages")
-    if student_logits.shape[:-1] != tokens.shape or mask.shape != tokens.shape or old_logprobs.shape != tokens.shape:
-        raise ValueError(f"shape mismatch: student_logits {tuple(student_logits.shape)}, tokens {tuple(tokens.shape)}, "
-                         f"old_logprobs {tuple(old_logprobs.shape)}, mask {tuple(mask.shape)}")
-    mask_BT = mask.bool()
-    mask_BTK = mask_BT.unsqueeze(-1)
-    logq_BTV = torch.log_softmax(student_logits.to(compute_dtype(student_logits.dtype)), dim=-1)
-    dt = logq_BTV.dtype
-    zero = torch.zeros((), dtype=dt, device=logq_BTV.device)
+    return obj
 
-    # Sanitise everything outside the mask first: a NaN there would otherwise reach the backward pass.
-    tokens_BT = torch.where(mask_BT, tokens.long(), 0)
+
+def _check_shapes(lead: tuple, tokens: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> None:
+    if lead != tuple(tokens.shape) or mask.shape != tokens.shape or old_logprobs.shape != tokens.shape:
+        raise ValueError(f"shape mismatch: student {lead} (logits or hidden states without their last dim), "
+                         f"tokens {tuple(tokens.shape)}, old_logprobs {tuple(old_logprobs.shape)}, "
+                         f"mask {tuple(mask.shape)}")
+
+
+def _picked(logq_V: torch.Tensor, tokens: torch.Tensor, topk_ids_K: torch.Tensor, with_entropy_grad: bool):
+    """(log-prob of the sampled token, log-probs at the teacher's top-k ids, entropy) from full log-probs.
+    One gather for the sampled token and the top-k: each gather's backward allocates a dense V-wide
+    gradient, so two would cost EOPD one more V-wide buffer than OPD."""
+    picked_K1 = logq_V.gather(-1, torch.cat([tokens.unsqueeze(-1), topk_ids_K], dim=-1))
+    if with_entropy_grad:
+        entropy = entropy_from_logprobs(logq_V)
+    else:
+        with torch.no_grad():
+            entropy = entropy_from_logprobs(logq_V)
+    return picked_K1[..., 0], picked_K1[..., 1:], entropy
+
+
+def _assemble(obj: Objective, cfg: Any, logprobs_BT: torch.Tensor, logq_topk_BTK: torch.Tensor,
+              student_ent_BT: torch.Tensor, old_logprobs: torch.Tensor, teacher: TokenStats, mask_BT: torch.Tensor,
+              num_tokens, generator, num_gated, sequence_advantages) -> tuple[torch.Tensor, dict[str, float]]:
+    """Everything after the student's log-probs: the sanitised inputs, the objective's terms, the loss, the
+    metrics. Shared by both front ends, so each formula exists once."""
+    dt = logprobs_BT.dtype
+    zero = torch.zeros((), dtype=dt, device=logprobs_BT.device)
+    # Sanitise everything outside the mask: a NaN there would otherwise reach the backward pass.
     old_BT = torch.where(mask_BT, old_logprobs.detach().to(dt), zero)
     t_lp_BT = torch.where(mask_BT, teacher.logprobs.detach().to(dt), zero)
     t_ent_BT = torch.where(mask_BT, teacher.entropy.detach().to(dt), zero)
-    t_ids_BTK = torch.where(mask_BTK, teacher.topk_ids.long(), 0)
-    t_topk_BTK = torch.where(mask_BTK, teacher.topk_logprobs.detach().to(dt), zero)
-
-    # One gather for the sampled token and the teacher's top-k: each gather's backward allocates a dense
-    # (B, T, V) gradient, so two would cost EOPD one more V-wide buffer than OPD.
-    picked_BTK1 = logq_BTV.gather(-1, torch.cat([tokens_BT.unsqueeze(-1), t_ids_BTK], dim=-1))
-    logprobs_BT, logq_topk_BTK = picked_BTK1[..., 0], picked_BTK1[..., 1:]
-    if obj.trains_entropy:
-        student_ent_BT = entropy_from_logprobs(logq_BTV)
-    else:
-        with torch.no_grad():
-            student_ent_BT = entropy_from_logprobs(logq_BTV)
+    t_topk_BTK = torch.where(mask_BT.unsqueeze(-1), teacher.topk_logprobs.detach().to(dt), zero)
     if generator is None:
         generator = torch.Generator().manual_seed(cfg.random_seed)
     n_tok = _as_count(mask_BT.sum() if num_tokens is None else num_tokens, logprobs_BT)
