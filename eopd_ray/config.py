@@ -236,6 +236,8 @@ class TrainerConfig:
     seed: int = 0  # rollout sampling and random gates derive their seeds from this and the step
     micro_batch_tokens: int = 0  # per-rank forward/backward budget in prompt+response tokens; 0 = a rank's share at once
     gradient_checkpointing: bool = False  # recompute activations in backward (GPU runs at 4k-token responses)
+    logits_chunk: int = 0  # > 0: the student's output head and loss over this many response positions at a time,
+    # recomputed in backward (logits memory chunk x V instead of rows x length x V); 0: the full logits at once
 
     def validate(self, prefix: str = "trainer") -> None:
         _check_range(f"{prefix}.max_steps", self.max_steps, lo=0, integer=True)
@@ -264,6 +266,7 @@ class TrainerConfig:
             _fail(f"{prefix}.on_nonfinite", self.on_nonfinite, "skip or stop")
         _check_range(f"{prefix}.seed", self.seed, lo=0, integer=True)
         _check_range(f"{prefix}.micro_batch_tokens", self.micro_batch_tokens, lo=0, integer=True)
+        _check_range(f"{prefix}.logits_chunk", self.logits_chunk, lo=0, integer=True)
         if not isinstance(self.gradient_checkpointing, bool):
             _fail(f"{prefix}.gradient_checkpointing", self.gradient_checkpointing, "true or false")
 

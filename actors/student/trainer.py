@@ -30,10 +30,11 @@ from actors.runtime.dist import join_process_group, master_address
 from actors.runtime.faults import maybe_fail
 from eopd_ray.batch import SequenceBatch, list_rows, padded_float, padded_topk, sequence_batch
 from eopd_ray.config import LossConfig, TrainerConfig
+from eopd_ray.models import load_causal_lm, load_tokenizer, output_head, set_threads
+from eopd_ray.objectives import (Objective, eopd_loss, eopd_loss_from_hidden, get_objective,
+                                 group_normalized_advantages)
 from eopd_ray.seeds import gate_seed
-from eopd_ray.objectives import Objective, eopd_loss, get_objective, group_normalized_advantages
 from eopd_ray.stats import TokenStats
-from eopd_ray.models import load_causal_lm, load_tokenizer, set_threads
 
 # Metrics that are already normalised by the global token count: they add up over ranks.
 _SUMMED = ("loss/total", "loss/pg", "loss/fkl", "loss/entropy")
@@ -141,6 +142,8 @@ class StudentTrainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config, dist_init_required=False)
         self.tokenizer = load_tokenizer(self.model_path, self.trust_remote_code)
+        # The model's own output head on hidden states (soft-capping, logit scales kept), for logits_chunk.
+        self._head = output_head(self.engine.module)
         return True
 
     # -- training --------------------------------------------------------------------------------------
@@ -193,9 +196,9 @@ class StudentTrainer:
                 seq_adv: torch.Tensor | None = None) -> dict:
         """One optimizer update on this rank's share of a mini-batch; returns token-weighted metric sums.
 
-        The student's logits are gathered as a full [rows, T, V] tensor per forward (and log-softmaxed in
-        float32 by `eopd_loss`); `trainer.micro_batch_tokens` is what bounds it, by the rows x length of a
-        piece. Every piece divides by the mini-batch's global token count `num_tokens`, so the summed piece
+        Without trainer.logits_chunk the student's logits are a full [rows, L, V] tensor per forward (log-softmaxed
+        in float32 by `eopd_loss`), bounded only by `trainer.micro_batch_tokens` (rows x length of a piece); with
+        it, by chunk x V (`_loss`). Every piece divides by the mini-batch's global token count `num_tokens`, so the summed piece
         gradients are the gradient of the unsplit loss. `random_fkl` draws its gate per piece from the same
         generator: the same distribution as unsplit, not the same draw.
         """
@@ -205,19 +208,14 @@ class StudentTrainer:
         for i, (a, b) in enumerate(pieces):
             batch, teacher_stats, old_logprobs_BT, adv = self._tensors(
                 rollout.slice(a, b - a), teacher.slice(a, b - a), None if seq_adv is None else seq_adv[a:b])
-            logits_BLV = self.engine(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL).logits
-            logits_BTV = logits_BLV.gather(1, batch.logit_index_BT[..., None].expand(-1, -1, logits_BLV.shape[-1]))
-            logits_BTV = logits_BTV[..., :self.vocab_size]
-            loss, metrics = eopd_loss(logits_BTV, batch.response_BT, old_logprobs_BT, teacher_stats,
-                                      batch.response_mask_BT, self.loss_cfg, num_tokens=num_tokens, generator=gen,
-                                      sequence_advantages=adv, objective=self.objective)
+            loss, metrics = self._loss(batch, old_logprobs_BT, teacher_stats, num_tokens, gen, adv)
             if not self._all_finite(loss):  # decided by every rank together, piece by piece
                 ids = rollout.column("sample_id").slice(a, b - a).to_pylist()
                 if self.trainer.on_nonfinite == "stop":
                     raise NonFiniteLossError(f"non-finite loss ({float(loss)}) on the mini-batch with sample ids {ids}; "
                                              "the run stops (trainer.on_nonfinite=stop) keeping its last checkpoint")
                 loss_value = loss.detach()
-                del loss, logits_BLV, logits_BTV
+                del loss
                 if i > 0:  # earlier pieces have accumulated gradients: the whole mini-batch is dropped
                     self._discard_gradients()
                 where = (f"non-finite loss on sample ids {ids}" if not torch.isfinite(loss_value).item()
@@ -246,6 +244,26 @@ class StudentTrainer:
         sums["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else (manual_norm or 0.0)
         sums["optim/lr"] = float(self.engine.get_lr()[0])
         return sums
+
+    def _loss(self, batch: SequenceBatch, old_logprobs_BT, teacher_stats: TokenStats, num_tokens: int,
+              gen: torch.Generator, adv) -> tuple[torch.Tensor, dict]:
+        """The objective on one piece. trainer.logits_chunk > 0: from the decoder's hidden states at the response
+        positions, through the model's own output head that many positions at a time (recomputed in backward);
+        0: from the full (rows, L, V) logits of the model's forward, gathered at the response positions."""
+        common = dict(num_tokens=num_tokens, generator=gen, sequence_advantages=adv, objective=self.objective)
+        index_BT1 = batch.logit_index_BT[..., None]
+        if self.trainer.logits_chunk:
+            module = self.engine.module
+            hidden_BLH = module.get_decoder()(input_ids=batch.input_ids_BL,
+                                              attention_mask=batch.attention_mask_BL).last_hidden_state
+            hidden_BTH = hidden_BLH.gather(1, index_BT1.expand(-1, -1, hidden_BLH.shape[-1]))
+            return eopd_loss_from_hidden(hidden_BTH, self._head, batch.response_BT, old_logprobs_BT, teacher_stats,
+                                         batch.response_mask_BT, self.loss_cfg, chunk_size=self.trainer.logits_chunk,
+                                         vocab_size=self.vocab_size, **common)
+        logits_BLV = self.engine(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL).logits
+        logits_BTV = logits_BLV.gather(1, index_BT1.expand(-1, -1, logits_BLV.shape[-1]))[..., :self.vocab_size]
+        return eopd_loss(logits_BTV, batch.response_BT, old_logprobs_BT, teacher_stats, batch.response_mask_BT,
+                         self.loss_cfg, **common)
 
     def _pieces(self, rollout: pa.Table) -> list[tuple[int, int]]:
         """Row ranges of this rank's share, one per forward/backward; the same count on every rank."""
