@@ -22,6 +22,7 @@ EXPECTED = {
                       "large_vocab_step_time_ratio", "large_vocab_step_peak_mem_diff_gib", "loss_only_time_ratio",
                       "loss_only_cpu_time_ratio", "loss_only_peak_mem_diff_gib", "loss_only_positions",
                       "loss_only_extra_bytes_per_position"],
+    "student_memory": ["logits_peak_ratio", "step_time_ratio", "full_peak_gib", "chunked_peak_gib", "loss_abs_diff"],
     "pipeline_overhead": ["step_time_ratio", "ray_step_s", "alone_step_s", "rollout_ratio", "score_ratio",
                           "train_ratio", "sync_ratio", "ray_transport_s", "loss_max_abs_diff"],
     "rollout_throughput": ["ratio", "cpu_time_ratio", "engine_ratio", "worker_tokens_per_s", "bare_tokens_per_s",
@@ -37,7 +38,8 @@ if importlib.util.find_spec("vllm") is not None:  # CI installs it (EOPD_REQUIRE
     EXPECTED["vllm_rollout"] = ["worker_ratio", "engine_ratio", "vllm_worker_tokens_per_s",
                                 "transformers_worker_tokens_per_s", "vllm_over_transformers", "larger_worker_ratio",
                                 "larger_vllm_over_transformers"]
-TARGETS = {"loss_overhead/step_time_ratio": "<= 1.05", "loss_overhead/loss_only_peak_mem_diff_gib": "<= 1",
+TARGETS = {"loss_overhead/step_time_ratio": "<= 1.05", "student_memory/logits_peak_ratio": "<= 0.125",
+           "student_memory/step_time_ratio": "<= 1.10", "loss_overhead/loss_only_peak_mem_diff_gib": "<= 1",
            "pipeline_overhead/step_time_ratio": "<= 1.15", "rollout_throughput/ratio": ">= 0.9",
            "teacher_scoring/payload_bytes_per_position": "<= 136"}
 
