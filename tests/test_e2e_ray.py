@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,18 +139,22 @@ def test_ray_job_submit_against_local_head(tmp_path, tiny_models):
         ray_bin = "ray"
     port, dash = _free_port(), _free_port()
     env = _env()
-    start = subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8",
-                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=180)
-    assert start.returncode == 0, start.stderr[-3000:]
+    # A head of our own (--block, own temp dir), stopped by signalling it: `ray stop` would kill every Ray on
+    # the machine, and the default temp dir would let other drivers here find and join this head.
+    temp_dir = tempfile.mkdtemp(prefix="eopd_ray_", dir="/tmp")
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             "--num-cpus=8", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         teacher, student = tiny_models
         out = tmp_path / "job"
         cmd = [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
                sys.executable, str(SCRIPT), "--out", str(out), f"model.teacher={teacher}",
                f"model.student={student}", *SMALL, "trainer.max_steps=1", "eval.enabled=false"]
-        deadline = time.time() + 60
+        deadline = time.time() + 180
         while True:  # the job server needs a moment after `ray start`
+            assert head.poll() is None, f"ray start exited {head.returncode}: {head.stderr.read()[-3000:]}"
             job = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
             if job.returncode == 0 or time.time() > deadline or "succeeded" in job.stdout:
                 break
@@ -160,7 +166,12 @@ def test_ray_job_submit_against_local_head(tmp_path, tiny_models):
         results = json.loads((out / "results.json").read_text())
         assert results["train"]["steps_done"] == 1
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+        head.terminate()
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_every_baseline_runs_two_steps_and_compares(tmp_path, tiny_models):

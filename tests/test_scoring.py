@@ -49,7 +49,7 @@ def group(*behaviours: str):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 

@@ -36,7 +36,8 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
         # Logical CPUs: our actors run phase after phase, so they may share the physical cores.
         # Binding to loopback needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set before `import ray` (importing
         # `actors` sets it); the node address alone is not enough.
-        ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
+        # address="local": always a fresh Ray of our own, never a cluster someone else left running here.
+        ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=True,
                  runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "DS_ACCELERATOR": "cpu"}}
                  if not _has_cuda() else None)
