@@ -9,6 +9,7 @@ log-probs) bytes = 8k + 8.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -71,6 +72,28 @@ def list_rows(column: pa.ChunkedArray | pa.ListArray) -> list[np.ndarray]:
     offsets = column.offsets.to_numpy()
     values = column.values.to_numpy(zero_copy_only=False)
     return [values[offsets[i]:offsets[i + 1]] for i in range(len(column))]
+
+
+def write_rollout_files(directory: str | Path, tables: list[pa.Table]) -> None:
+    """Rollout tables as Arrow IPC files `rollout_000.arrow`, ... (a checkpoint's batch generated ahead)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, table in enumerate(tables):
+        with pa.OSFile(str(directory / f"rollout_{i:03d}.arrow"), "wb") as sink, \
+                pa.ipc.new_file(sink, ROLLOUT_SCHEMA) as writer:
+            writer.write_table(table.cast(ROLLOUT_SCHEMA))
+
+
+def read_rollout_files(directory: str | Path) -> list[pa.Table]:
+    """The tables `write_rollout_files` wrote, in order; a file of another schema is refused."""
+    tables = []
+    for path in sorted(Path(directory).glob("rollout_*.arrow")):
+        with pa.OSFile(str(path), "rb") as source:  # read into memory: the file may be removed later
+            table = pa.ipc.open_file(source).read_all()
+        if not table.schema.equals(ROLLOUT_SCHEMA):
+            raise ValueError(f"{path}: not a rollout table (schema {table.schema}); expected {ROLLOUT_SCHEMA}")
+        tables.append(table)
+    return tables
 
 
 def payload_bytes_per_position(teacher: pa.Table) -> float:

@@ -170,6 +170,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # vllm: share of each engine GPU's memory vLLM may take (weights + KV cache)
     max_model_len: int = 0  # vllm: context length of an engine; 0 = data.max_prompt_tokens + max_new_tokens
     kv_cache_gib: float = 0.0  # vllm: KV cache per engine in GiB; 0 = from gpu_memory_utilization on GPUs, 1 on CPU
+    overlap: bool = False  # generate step t+1's batch while the student trains on step t (one step off-policy)
 
     def validate(self, prefix: str = "rollout") -> None:
         if self.engine not in ("transformers", "vllm"):
@@ -185,6 +186,8 @@ class RolloutConfig:
         _check_range(f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, lo=0, hi=1, lo_open=True)
         _check_range(f"{prefix}.max_model_len", self.max_model_len, lo=0, integer=True)
         _check_range(f"{prefix}.kv_cache_gib", self.kv_cache_gib, lo=0)
+        if not isinstance(self.overlap, bool):
+            _fail(f"{prefix}.overlap", self.overlap, "true or false")
 
 
 @dataclass
@@ -236,8 +239,9 @@ class TrainerConfig:
     seed: int = 0  # rollout sampling and random gates derive their seeds from this and the step
     micro_batch_tokens: int = 0  # per-rank forward/backward budget in prompt+response tokens; 0 = a rank's share at once
     gradient_checkpointing: bool = False  # recompute activations in backward (GPU runs at 4k-token responses)
-    logits_chunk: int = 0  # > 0: the student's output head and loss over this many response positions at a time,
-    # recomputed in backward (logits memory chunk x V instead of rows x length x V); 0: the full logits at once
+    logits_chunk: int = -1  # > 0: the student's output head and loss over this many response positions at a time,
+    # recomputed in backward (logits memory chunk x V instead of rows x length x V); 0: the full logits at once;
+    # -1: auto, chunked where the vocabulary is large (eopd_ray.objectives.core.resolve_logits_chunk)
 
     def validate(self, prefix: str = "trainer") -> None:
         _check_range(f"{prefix}.max_steps", self.max_steps, lo=0, integer=True)
@@ -266,7 +270,7 @@ class TrainerConfig:
             _fail(f"{prefix}.on_nonfinite", self.on_nonfinite, "skip or stop")
         _check_range(f"{prefix}.seed", self.seed, lo=0, integer=True)
         _check_range(f"{prefix}.micro_batch_tokens", self.micro_batch_tokens, lo=0, integer=True)
-        _check_range(f"{prefix}.logits_chunk", self.logits_chunk, lo=0, integer=True)
+        _check_range(f"{prefix}.logits_chunk", self.logits_chunk, lo=-1, integer=True)
         if not isinstance(self.gradient_checkpointing, bool):
             _fail(f"{prefix}.gradient_checkpointing", self.gradient_checkpointing, "true or false")
 
@@ -305,7 +309,7 @@ class PlacementConfig:
     # CPU) or CUDA IPC (colocated); broadcast: the bucketed broadcast for the transformers engine too (CPU)
     weight_sync: str = "auto"
     check_sync: bool = True  # after the first weight sync of a run, compare engine and student log-probs
-    actor_threads: int = 0  # torch threads of each actor (split over ZeRO-3 teacher / student ranks); 0 = all cores
+    actor_threads: int = 0  # torch threads of every actor; 0 = its Ray CPUs (at least 1), on GPUs its GPU share of the cores
 
     def validate(self, prefix: str = "placement") -> None:
         if self.mode not in PLACEMENT_MODES:
@@ -386,6 +390,10 @@ class RunConfig:
         if sync == "broadcast" and self.rollout.engine == "vllm" and mode == "colocated":
             _fail("placement.weight_sync", sync, "auto with placement.mode=colocated (CUDA IPC)",
                   "set placement.weight_sync=auto, or placement.mode=disaggregated for the NCCL broadcast")
+        if self.rollout.overlap and mode == "colocated":
+            # colocated engines sleep while the student trains on the same GPU: nothing to overlap with
+            _fail("rollout.overlap", True, "false with placement.mode=colocated (the engines and the student "
+                  "take turns on each GPU)", "set placement.mode=disaggregated to overlap, or rollout.overlap=false")
         if mode == "cpu":
             return
         from eopd_ray.placement import plan_placement  # its PlacementError is a ConfigError

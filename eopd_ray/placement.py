@@ -158,6 +158,20 @@ def _disaggregated(cfg: Any, counts: dict[str, int], cpus: dict[str, float]) -> 
     return PlacementPlan("disaggregated", p.num_nodes, p.gpus_per_node, tuple(slots), bundles)
 
 
+def actor_threads(plan: PlacementPlan, role: str, num_cpus: float, cores: int, override: int = 0) -> int:
+    """Torch threads of one actor of `role`: `override` (placement.actor_threads) when set; else its Ray CPUs
+    (floor, at least 1), so actors that run at once (rollout.overlap, several ranks) do not oversubscribe the
+    cores; an actor on GPUs that reserves under one Ray CPU gets its GPUs' share of the node's `cores`
+    (colocated actors take turns on a GPU, so each gets that GPU's whole share). At most `cores`."""
+    if override:
+        return override
+    threads = max(1, int(num_cpus))
+    slots = plan.role(role)
+    if num_cpus < 1 and plan.has_gpus and slots and slots[0].gpus:
+        threads = max(1, cores * len(slots[0].gpus) // plan.gpus_per_node)
+    return min(threads, max(1, cores))
+
+
 def cpu_block(rank: int, num_cpus: float, cores: list[int]) -> list[int]:
     """The cores actor `rank` of a group pins its threads to: blocks of max(1, floor(num_cpus)) of `cores`
     (the node's usable cores, in order), one after another, wrapping around when the group needs more cores

@@ -3,6 +3,7 @@ the shared vocabulary), the prompts, and the checkpoint to resume from. No Ray, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from eopd_ray import checkpoint
 from eopd_ray.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from eopd_ray.data import DataError, PromptRecord, PromptSampler, load_rows, synthetic_rows, tokenize_rows
 from eopd_ray.models import architecture_mismatch, load_tokenizer, output_rows
+from eopd_ray.objectives import resolve_logits_chunk
 from eopd_ray.run_io import OutputDirError, check_out_dir
 from eopd_ray.vocab import VocabMismatchError, shared_vocab_size
 
@@ -115,6 +117,9 @@ def prepare_run(cfg: RunConfig, resume: str | None = None) -> RunSetup:
         print(f"auto_resume: {'found ' + str(ckpt) if ckpt else 'no checkpoint in ' + cfg.out_dir + ', starting fresh'}")
     out_dir = check_out_dir(cfg.out_dir)
     models, tokenizer = resolve_models(cfg)
+    # the config printed and saved with the run names the chunk the loss will run (auto resolved)
+    chunk = resolve_logits_chunk(cfg.trainer.logits_chunk, models.vocab_size)
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, logits_chunk=chunk))
     if ckpt is not None and (diff := architecture_mismatch(str(ckpt / "hf"), models.student_path)):
         raise checkpoint.CheckpointError(f"checkpoint {ckpt} belongs to another model ({'; '.join(diff)}); resume "
                                          "with the model.student it was trained from, or start a new --out")

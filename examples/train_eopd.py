@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         return 2
     log = open_run(run)
     init_ray(cfg.ray_address)
-    session = Session.build(cfg, run.models, run.ckpt)
+    session = Session.build(run.cfg, run.models, run.ckpt)  # run.cfg: with what the models resolved
     try:
         # ---- loop: generate -> score -> train -> sync -> log -> checkpoint -----------------------------
         try:

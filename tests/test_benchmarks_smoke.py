@@ -25,6 +25,8 @@ EXPECTED = {
     "student_memory": ["logits_peak_ratio", "step_time_ratio", "full_peak_gib", "chunked_peak_gib", "loss_abs_diff"],
     "pipeline_overhead": ["step_time_ratio", "ray_step_s", "alone_step_s", "rollout_ratio", "score_ratio",
                           "train_ratio", "sync_ratio", "ray_transport_s", "loss_max_abs_diff"],
+    "overlap": ["step_time_ratio", "ideal_ratio", "schedule_bound_ratio", "sync_step_s", "overlap_step_s",
+                "overlap_ratio_mean"],
     "rollout_throughput": ["ratio", "cpu_time_ratio", "engine_ratio", "worker_tokens_per_s", "bare_tokens_per_s",
                            "large_vocab_ratio", "large_vocab_engine_ratio"],
     "teacher_scoring": ["tokens_per_s", "full_logits_tokens_per_s", "payload_bytes_per_position",

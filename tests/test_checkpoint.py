@@ -61,3 +61,27 @@ def test_failed_write_aborts(tmp_path):
             checkpoint.abort(tmp)
             raise
     assert not tmp.exists() and checkpoint.latest(tmp_path) is None
+
+
+def test_rollouts_generated_ahead_round_trip_through_arrow_files(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from eopd_ray.batch import make_rollout_table, read_rollout_files, write_rollout_files
+
+    rng = np.random.default_rng(0)
+    tables = []
+    for part in range(3):  # one per rollout worker; a worker may return no rows
+        n = [2, 0, 3][part]
+        lens = rng.integers(1, 6, n)
+        tables.append(make_rollout_table(
+            np.arange(n) + 10 * part, [rng.integers(0, 50, 4) for _ in range(n)],
+            [rng.integers(0, 50, t) for t in lens], [rng.standard_normal(t).astype(np.float32) for t in lens],
+            [rng.random(t).astype(np.float32) for t in lens], rng.random(n) < 0.5))
+    write_rollout_files(tmp_path / "ahead", tables)
+    back = read_rollout_files(tmp_path / "ahead")
+    assert len(back) == 3 and all(a.equals(b) for a, b in zip(tables, back))  # bit for bit, in order
+    pa.ipc.new_file(pa.OSFile(str(tmp_path / "ahead" / "rollout_009.arrow"), "wb"),
+                    pa.schema([("x", pa.int64())])).close()
+    with pytest.raises(ValueError, match="not a rollout table"):
+        read_rollout_files(tmp_path / "ahead")

@@ -97,3 +97,16 @@ def test_no_response_positions_gives_a_zero_loss_with_a_graph():
                                     vocab_size=V)
     loss.backward()
     assert loss.item() == 0.0 and m["tokens/masked"] == 0 and torch.count_nonzero(hidden.grad) == 0
+
+
+def test_auto_logits_chunk_chunks_large_vocabularies_only():
+    from eopd_ray.config import ConfigError, load_config
+    from eopd_ray.objectives.core import CHUNK_MIN_VOCAB, LOGITS_CHUNK, resolve_logits_chunk
+
+    assert load_config(None, []).trainer.logits_chunk == -1  # auto is the default
+    assert resolve_logits_chunk(-1, 151_936) == LOGITS_CHUNK == 256
+    assert resolve_logits_chunk(-1, CHUNK_MIN_VOCAB) == LOGITS_CHUNK
+    assert resolve_logits_chunk(-1, CHUNK_MIN_VOCAB - 1) == 0 and resolve_logits_chunk(-1, 55) == 0
+    assert resolve_logits_chunk(0, 151_936) == 0 and resolve_logits_chunk(64, 55) == 64  # explicit wins
+    with pytest.raises(ConfigError, match="trainer.logits_chunk=-2"):
+        load_config(None, ["trainer.logits_chunk=-2"])

@@ -41,7 +41,7 @@ def test_registered_objective_trains_through_the_job(tmp_path, tiny_models):
         run = prepare(cfg)
         log = open_run(run)
         init_ray()
-        session = Session.build(cfg, run.models)
+        session = Session.build(run.cfg, run.models)
         try:
             assert train(run, session, log)
         finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from eopd_ray.config import ConfigError, load_config
-from eopd_ray.placement import COLOCATED_SHARE, PlacementError, cpu_block, format_plan, plan_placement
+from eopd_ray.placement import COLOCATED_SHARE, PlacementError, actor_threads, cpu_block, format_plan, plan_placement
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
@@ -96,6 +96,9 @@ def test_impossible_plans_are_refused_naming_the_value_and_a_fix(overrides, fiel
     (["rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size=2"),  # TP with transformers
     (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization=1.5"),
     (["placement.num_nodes=0"], "placement.num_nodes=0"),
+    (["rollout.overlap=2"], "rollout.overlap=2"),
+    (["rollout.overlap=true", "placement.mode=colocated", "placement.gpus_per_node=2", "rollout.engine=vllm"],
+     "rollout.overlap=True"),  # colocated engines and students take turns on a GPU
 ])
 def test_bad_placement_fields_name_the_field(overrides, fragment):
     with pytest.raises(ConfigError) as err:
@@ -109,6 +112,18 @@ def test_vllm_runs_on_cpu_placement_and_cpu_blocks_share_out_the_cores():
     assert [cpu_block(r, 0.5, [0, 1]) for r in range(3)] == [[0], [1], [0]]  # one core each, wrapping around
     assert [cpu_block(r, 2, [4, 5, 6]) for r in range(2)] == [[4, 5], [6, 4]]
     assert cpu_block(0, 8, [0, 1]) == [0, 1]  # never more cores than the node has
+
+
+def test_actor_threads_follow_the_ray_cpus_or_the_gpu_share():
+    cpu = plan_placement(_cfg())
+    assert [actor_threads(cpu, "student", c, cores=2) for c in (0, 0.5, 1, 1.9, 2, 5)] == [1, 1, 1, 1, 2, 2]
+    assert actor_threads(cpu, "teacher", 0.5, cores=2, override=3) == 3  # placement.actor_threads wins
+    dis = plan_placement(_gpu("disaggregated", 1, 8, 2, 2, 2, 2))  # rollout engines on 2 GPUs each
+    assert actor_threads(dis, "student", 0.5, cores=96) == 12  # one GPU of 8: 96 / 8 cores
+    assert actor_threads(dis, "rollout", 0.5, cores=96) == 24
+    assert actor_threads(dis, "rollout", 4, cores=96) == 4  # Ray CPUs, where reserved, decide
+    col = plan_placement(_gpu("colocated", 1, 4, 4, 4, 4))  # colocated actors take turns on a whole GPU
+    assert actor_threads(col, "teacher", 0.5, cores=32) == 8
 
 
 def test_format_plan_names_every_actor_and_node():

@@ -23,6 +23,7 @@ from eopd_ray.config import RunConfig
 from eopd_ray.objectives import Objective
 from eopd_ray.run_setup import ResolvedModels
 from eopd_ray.placement import PlacementPlan, cpu_block, plan_placement
+from eopd_ray.placement import actor_threads as placement_threads
 
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> None:
@@ -49,9 +50,12 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def actor_threads(cfg: RunConfig) -> int:
-    """Torch threads of one actor: placement.actor_threads, or every core of the node."""
-    return cfg.placement.actor_threads or max(1, (os.cpu_count() or 1))
+def actor_threads(cfg: RunConfig, role: str) -> int:
+    """Torch threads of one actor of `role` (`eopd_ray.placement.actor_threads`: its Ray CPUs, or its GPU
+    share of this node's cores)."""
+    num_cpus = {"student": cfg.trainer.num_cpus, "teacher": cfg.teacher.num_cpus, "rollout": cfg.rollout.num_cpus}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return placement_threads(plan_placement(cfg), role, num_cpus[role], cores, cfg.placement.actor_threads)
 
 
 class SharedPlacement:
@@ -136,7 +140,7 @@ def build_rollouts(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
     group = _group(cfg, "rollout", RolloutActor, cfg.rollout.num_workers, lambda rank: dict(
         model_path=path, engine=cfg.rollout.engine, dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code, vocab_size=models.vocab_size,
-        num_threads=actor_threads(cfg), engine_kwargs=_engine_kwargs(cfg, rank)), cfg.rollout.num_cpus)
+        num_threads=actor_threads(cfg, "rollout"), engine_kwargs=_engine_kwargs(cfg, rank)), cfg.rollout.num_cpus)
     if cfg.placement.mode == "colocated":
         # vLLM sizes its KV cache from the GPU memory free while it starts: let it finish (and go to sleep)
         # before the teacher and the student load onto the same GPUs.
@@ -153,12 +157,12 @@ def build_teachers(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
                   trust_remote_code=cfg.model.trust_remote_code)
     if t.zero_stage == 0:
         return _group(cfg, "teacher", TeacherActor, t.num_workers,
-                      lambda rank: dict(common, num_threads=actor_threads(cfg)), t.num_cpus)
+                      lambda rank: dict(common, num_threads=actor_threads(cfg, "teacher")), t.num_cpus)
     backend = "nccl" if plan_placement(cfg).has_gpus else "gloo"
     group = _group(cfg, "teacher", ShardedTeacherActor, t.num_workers, lambda rank: dict(
         common, rank=rank, world_size=t.num_workers, backend=backend, offload=t.offload,
         persistence_threshold=t.zero3_persistence_threshold,
-        num_threads=max(1, actor_threads(cfg) // t.num_workers)), t.num_cpus)
+        num_threads=actor_threads(cfg, "teacher")), t.num_cpus)
     addr, port = ray.get(group.actors[0].master_address.remote())
     group.run("setup", addr, port)
     return group
@@ -183,7 +187,7 @@ def build_students(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
     group = _group(cfg, "student", StudentActor, n, lambda rank: dict(
         model_path=models.student_path, trainer=cfg.trainer, loss=cfg.loss, rank=rank, world_size=n,
         vocab_size=models.vocab_size, pad_id=models.pad_id, dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code, num_threads=max(1, actor_threads(cfg) // n),
+        trust_remote_code=cfg.model.trust_remote_code, num_threads=actor_threads(cfg, "student"),
         backend=backend, n_samples=cfg.rollout.n_samples_per_prompt, objective=shippable(cfg.loss.spec)),
         cfg.trainer.num_cpus)
     addr, port = ray.get(group.actors[0].master_address.remote())

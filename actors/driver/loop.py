@@ -10,19 +10,21 @@ student's weights) and `NonFiniteLossError` (`trainer.on_nonfinite=stop`); `TooM
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import ray
 from tqdm import tqdm
 
-from actors.driver.phases import iteration
+from actors.driver.phases import PendingRollout, iteration
 from actors.driver.session import ACTOR_DIED, Session
 from actors.student.trainer import NonFiniteLossError
 from eopd_ray import checkpoint
-from eopd_ray.data import PromptSampler
+from eopd_ray.batch import read_rollout_files, write_rollout_files
 from eopd_ray.run_io import MetricsLog
 from eopd_ray.run_setup import RunSetup, restore_driver_state
 
+AHEAD_DIR = "rollouts_ahead"  # a checkpoint's next-step rollouts (rollout.overlap)
 KEEP_CHECKPOINTS = 2  # complete checkpoints kept; older ones are removed after a new one is committed
 
 
@@ -30,13 +32,20 @@ class TooManyRestarts(RuntimeError):
     """Actors died more than trainer.max_restarts times; the message names the last good checkpoint."""
 
 
-def save_checkpoint(out_dir: Path, step: int, session: Session, sampler: PromptSampler) -> Path:
-    """The student's training state (every rank joins), its HF copy and the driver state, committed whole."""
+def save_checkpoint(out_dir: Path, step: int, session: Session, sampler_state: dict) -> Path:
+    """The student's training state (every rank joins), its HF copy and the driver state, committed whole;
+    with rollout.overlap, also the next step's rollouts generated ahead (Arrow files), so that a resumed run
+    trains on the same batch as one never interrupted."""
     root = out_dir / "checkpoints"
     tmp = checkpoint.begin(root, step)
     try:
         session.students.run("save", str(tmp))
-        checkpoint.write_json_atomic(tmp / "driver_state.json", {"step": step, "sampler": sampler.state_dict()})
+        state = {"step": step, "sampler": sampler_state}
+        if session.ahead is not None:
+            ahead = session.ahead
+            write_rollout_files(tmp / AHEAD_DIR, ray.get(ahead.table_refs))
+            state["ahead"] = {"step": ahead.step, "stats": ray.get(ahead.stats_refs)}
+        checkpoint.write_json_atomic(tmp / "driver_state.json", state)
         final = checkpoint.commit(tmp, step, meta={"student_hf": "hf"})
     except BaseException:
         checkpoint.abort(tmp)
@@ -45,6 +54,17 @@ def save_checkpoint(out_dir: Path, step: int, session: Session, sampler: PromptS
     for old in done[:-KEEP_CHECKPOINTS]:
         checkpoint.abort(old)
     return final
+
+
+def restore_ahead(session: Session, ckpt: Path | None) -> None:
+    """The rollouts a checkpoint holds for its next step (rollout.overlap) back into the object store."""
+    state = json.loads((ckpt / "driver_state.json").read_text()) if ckpt is not None else {}
+    if "ahead" not in state:
+        session.ahead = None
+        return
+    tables = read_rollout_files(ckpt / AHEAD_DIR)
+    session.ahead = PendingRollout(int(state["ahead"]["step"]), [ray.put(t) for t in tables],
+                                   [ray.put(s) for s in state["ahead"]["stats"]])
 
 
 def _report(row: dict, bar: tqdm) -> None:
@@ -60,14 +80,18 @@ def train(run: RunSetup, session: Session, log: MetricsLog, stop_after: int = 0)
     when all steps ran, False when it stopped early at `stop_after` (checkpointed; resume with --resume)."""
     cfg, sampler, t = run.cfg, run.sampler, run.cfg.trainer
     step, restarts = run.start_step, 0
+    restore_ahead(session, run.ckpt)
+    prompts = sampler.next_batch()
     bar = tqdm(total=t.max_steps, initial=step, desc=cfg.loss.objective.upper(), unit="step")
     try:
         while step < t.max_steps:
-            prompts = sampler.next_batch()
+            sampler_state = sampler.state_dict()  # after this step's batch: what a checkpoint of it records
+            # overlapped: the next step's prompts now, generated while this step trains
+            next_prompts = sampler.next_batch() if cfg.rollout.overlap and step + 1 < t.max_steps else None
             try:
                 session.admit_rollout_workers(cfg.rollout.join_wait_s if session.rollouts.pending else 0.0)
-                row = iteration(session, step, prompts)
-                row.update({f"data/{k}": v for k, v in sampler.state_dict().items() if k != "seed"})  # after this batch
+                row = iteration(session, step, prompts, next_prompts)
+                row.update({f"data/{k}": v for k, v in sampler_state.items() if k != "seed"})
             except ACTOR_DIED as exc:  # a worker process died: rebuild everything from the last checkpoint
                 restarts += 1
                 ckpt = checkpoint.latest(run.out_dir / "checkpoints")
@@ -78,6 +102,8 @@ def train(run: RunSetup, session: Session, log: MetricsLog, stop_after: int = 0)
                            f"{restarts}/{t.max_restarts}: rebuilding the actors from {ckpt or 'the initial weights'}")
                 session.rebuild(ckpt)
                 step = restore_driver_state(ckpt, sampler)
+                restore_ahead(session, ckpt)
+                prompts = sampler.next_batch()
                 log.truncate(step)
                 bar.n = step
                 bar.refresh()
@@ -91,10 +117,12 @@ def train(run: RunSetup, session: Session, log: MetricsLog, stop_after: int = 0)
             step += 1
             stop_now = bool(stop_after) and step >= stop_after
             if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stop_now:
-                save_checkpoint(run.out_dir, step, session, sampler)
+                save_checkpoint(run.out_dir, step, session, sampler_state)
             if stop_now and step < t.max_steps:
                 print(f"stopping after step {step} (--stop-after); continue with --resume {run.out_dir}")
                 return False
+            if step < t.max_steps:
+                prompts = next_prompts if next_prompts is not None else sampler.next_batch()
     finally:
         bar.close()
     return True

@@ -7,6 +7,7 @@ the `Session` of actors (actors/driver/session.py) and returns metrics as flat d
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import ray
 
@@ -18,22 +19,40 @@ from eopd_ray.seeds import rollout_seed
 from eopd_ray.sharding import shard_slices
 
 
-def rollout_phase(session: Session, step: int, prompts: list) -> tuple[list, list[dict]]:
-    """Sample one iteration's responses, split over the live rollout workers. A worker that dies leaves the
-    group and the phase is redone by the others (or by replacements when none is left): no student state
-    has changed yet, so nothing needs replaying from a checkpoint. Returns (rollout table refs, stats)."""
+@dataclass
+class PendingRollout:
+    """A step's rollouts in flight (or restored from a checkpoint): table refs and stats refs, one per worker."""
+
+    step: int
+    table_refs: list
+    stats_refs: list
+
+
+def submit_rollouts(session: Session, step: int, prompts: list) -> PendingRollout:
+    """Start step `step`'s generation on the live rollout workers, each with its share of the prompts."""
     cfg = session.cfg
+    workers = session.rollouts.actors
+    shards = [prompts[s] for s in shard_slices(len(prompts), len(workers))]
+    roll = [a.rollout.options(num_returns=2).remote(
+        [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
+        SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
+                       seed=rollout_seed(cfg.trainer.seed, step, i)), cfg.rollout.n_samples_per_prompt)
+        for i, (a, s) in enumerate(zip(workers, shards)) if s]
+    return PendingRollout(step, [r[0] for r in roll], [r[1] for r in roll])
+
+
+def rollout_phase(session: Session, step: int, prompts: list,
+                  pending: PendingRollout | None = None) -> tuple[list, list[dict]]:
+    """Sample one iteration's responses, split over the live rollout workers (or wait for `pending`, started
+    earlier). A worker that dies leaves the group and the phase is redone by the others (or by replacements
+    when none is left), with the weights they hold now: no student state has changed yet, so nothing needs
+    replaying from a checkpoint. Returns (rollout table refs, stats)."""
     while True:
-        workers = session.rollouts.actors
-        shards = [prompts[s] for s in shard_slices(len(prompts), len(workers))]
-        roll = [a.rollout.options(num_returns=2).remote(
-            [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
-            SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                           seed=rollout_seed(cfg.trainer.seed, step, i)), cfg.rollout.n_samples_per_prompt)
-            for i, (a, s) in enumerate(zip(workers, shards)) if s]
+        pending = pending or submit_rollouts(session, step, prompts)
         try:
-            return [r[0] for r in roll], ray.get([r[1] for r in roll])
+            return pending.table_refs, ray.get(pending.stats_refs)
         except ACTOR_DIED:
+            pending = None
             if not session.recover_rollout_workers(f"at step {step + 1}"):
                 raise
 
@@ -90,12 +109,22 @@ def check_sync(session: Session, rollout_ref, rows: int = 4) -> dict:
     return metrics
 
 
-def iteration(session: Session, step: int, prompts: list) -> dict:
-    """One step of Algorithm 1: generate, score, train, sync. Returns the step's metrics row."""
+def iteration(session: Session, step: int, prompts: list, next_prompts: list | None = None) -> dict:
+    """One step of Algorithm 1: generate, score, train, sync. Returns the step's metrics row.
+
+    Overlapped (`next_prompts` given, rollout.overlap): as soon as this step's rollouts are in, the workers
+    start on step + 1's prompts with the weights they hold (this step's behaviour policy), while the teacher
+    scores and the student trains; the sync that follows waits for that generation, so it is one step off
+    policy. It is kept in `session.ahead` for the next call (and for a checkpoint)."""
     cfg = session.cfg
     t0 = time.perf_counter()
-    rollout_refs, rollout_stats = rollout_phase(session, step, prompts)
+    ahead, session.ahead = session.ahead, None
+    rollout_refs, rollout_stats = rollout_phase(session, step, prompts,
+                                                ahead if ahead is not None and ahead.step == step else None)
     t1 = time.perf_counter()
+    if next_prompts is not None:
+        # queued on each worker before this step's sync, so it samples with the weights held now
+        session.ahead = submit_rollouts(session, step + 1, next_prompts)
     teacher_refs, teacher_stats = score_rollouts(session.teachers, rollout_refs, cfg.teacher.zero_stage == 3)
     t2 = time.perf_counter()
     train_metrics = session.students.run("train_step", step, len(rollout_refs), *rollout_refs, *teacher_refs)[0]

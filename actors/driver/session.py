@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 from tqdm import tqdm
@@ -30,6 +31,7 @@ class Session:
     students: ActorGroup
     sync: WeightSync
     sync_checked: bool = False  # the engines' log-probs were compared with the student's after a sync
+    ahead: Any = None  # rollout.overlap: the next step's rollouts in flight (phases.PendingRollout)
 
     @property
     def on_policy(self) -> bool:
@@ -58,6 +60,7 @@ class Session:
         fresh = Session.build(self.cfg, self.models, ckpt)
         self.rollouts, self.teachers, self.students, self.sync = fresh.rollouts, fresh.teachers, fresh.students, fresh.sync
         self.sync_checked = False
+        self.ahead = None
 
     def shutdown(self) -> None:
         for group in (self.rollouts, self.teachers, self.students):

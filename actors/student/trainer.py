@@ -32,7 +32,7 @@ from eopd_ray.batch import SequenceBatch, list_rows, padded_float, padded_topk, 
 from eopd_ray.config import LossConfig, TrainerConfig
 from eopd_ray.models import load_causal_lm, load_tokenizer, output_head, set_threads
 from eopd_ray.objectives import (Objective, eopd_loss, eopd_loss_from_hidden, get_objective,
-                                 group_normalized_advantages)
+                                 group_normalized_advantages, resolve_logits_chunk)
 from eopd_ray.seeds import gate_seed
 from eopd_ray.stats import TokenStats
 
@@ -247,18 +247,20 @@ class StudentTrainer:
 
     def _loss(self, batch: SequenceBatch, old_logprobs_BT, teacher_stats: TokenStats, num_tokens: int,
               gen: torch.Generator, adv) -> tuple[torch.Tensor, dict]:
-        """The objective on one piece. trainer.logits_chunk > 0: from the decoder's hidden states at the response
-        positions, through the model's own output head that many positions at a time (recomputed in backward);
-        0: from the full (rows, L, V) logits of the model's forward, gathered at the response positions."""
+        """The objective on one piece. Chunked (trainer.logits_chunk > 0, or -1 with a large vocabulary): from the
+        decoder's hidden states at the response positions, through the model's own output head that many
+        positions at a time (recomputed in backward); else from the full (rows, L, V) logits of the model's
+        forward, gathered at the response positions."""
         common = dict(num_tokens=num_tokens, generator=gen, sequence_advantages=adv, objective=self.objective)
         index_BT1 = batch.logit_index_BT[..., None]
-        if self.trainer.logits_chunk:
+        chunk = resolve_logits_chunk(self.trainer.logits_chunk, self.vocab_size)
+        if chunk:
             module = self.engine.module
             hidden_BLH = module.get_decoder()(input_ids=batch.input_ids_BL,
                                               attention_mask=batch.attention_mask_BL).last_hidden_state
             hidden_BTH = hidden_BLH.gather(1, index_BT1.expand(-1, -1, hidden_BLH.shape[-1]))
             return eopd_loss_from_hidden(hidden_BTH, self._head, batch.response_BT, old_logprobs_BT, teacher_stats,
-                                         batch.response_mask_BT, self.loss_cfg, chunk_size=self.trainer.logits_chunk,
+                                         batch.response_mask_BT, self.loss_cfg, chunk_size=chunk,
                                          vocab_size=self.vocab_size, **common)
         logits_BLV = self.engine(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL).logits
         logits_BTV = logits_BLV.gather(1, index_BT1.expand(-1, -1, logits_BLV.shape[-1]))[..., :self.vocab_size]

@@ -18,6 +18,21 @@ from eopd_ray.objectives.registry import LossInputs, Objective, get_objective
 from eopd_ray.objectives.terms import clipped_mask, clipped_surrogate, fkl_at_topk
 from eopd_ray.stats import TokenStats, compute_dtype, entropy_from_logprobs
 
+# trainer.logits_chunk = -1 (auto): chunk the output head where the vocabulary is large enough for it to pay.
+# Measured on 2 CPU cores (examples/benchmarks/student_memory.py and the README's table): a student step at
+# chunk 256 over full logits is 1.04x at V = 55, 1.01x at 4,096, 0.88x at 16,384, 0.95x at 32,768 and 0.57x at
+# 151,936 (with 0.08x the logits' peak memory at T = 4,096).
+LOGITS_CHUNK = 256  # response positions per chunk of the output head
+CHUNK_MIN_VOCAB = 16_384
+
+
+def resolve_logits_chunk(setting: int, vocab_size: int) -> int:
+    """trainer.logits_chunk as the loss runs it: -1 (auto) -> LOGITS_CHUNK when vocab_size >= CHUNK_MIN_VOCAB,
+    else 0 (full logits); 0 or a positive chunk as given."""
+    if setting >= 0:
+        return setting
+    return LOGITS_CHUNK if vocab_size >= CHUNK_MIN_VOCAB else 0
+
 
 def _as_count(n, like: torch.Tensor) -> torch.Tensor:
     n = torch.as_tensor(n, dtype=like.dtype, device=like.device)
@@ -57,7 +72,7 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
 
 
 def eopd_loss_from_hidden(hidden_BTH: torch.Tensor, head, tokens: torch.Tensor, old_logprobs: torch.Tensor,
-                          teacher: TokenStats, mask: torch.Tensor, cfg: Any, chunk_size: int = 1024,
+                          teacher: TokenStats, mask: torch.Tensor, cfg: Any, chunk_size: int = LOGITS_CHUNK,
                           vocab_size: int | None = None, num_tokens: int | float | torch.Tensor | None = None,
                           generator: torch.Generator | None = None,
                           num_gated: int | float | torch.Tensor | None = None,

@@ -9,8 +9,10 @@
    moves). Run on the student (default: the tiny one) and on a random Qwen3 with V = 151,936.
    The synthetic teacher payload gates about 20% of the positions (paper: 15-20%); the cost of the loss
    does not depend on the gate fraction (the forward KL is evaluated at every position, then masked).
-2. Loss alone: `eopd_loss` + backward on float32 student logits (1, T, V = 151,936), k = 16, T = 1024,
-   2048, 4096 (quick: 256), objective eopd vs opd.
+2. Loss alone, with its backward, objective eopd vs opd, k = 16, V = 151,936, T = 1024, 2048, 4096 (quick:
+   256), on the path the default `trainer.logits_chunk` (-1, auto) runs at that vocabulary: chunked,
+   `eopd_loss_from_hidden` from float32 hidden states (1, T, 256) through a (V, 256) head; and at the longest
+   T also on the full-logits path (`eopd_loss` on (1, T, V) float32 logits), for comparison.
 
 Figures: time ratio eopd / opd (median of paired ratios, wall clock and process CPU time; target <= 1.05)
 and peak memory difference (peak RSS growth of the eopd call minus that of the opd call; target <= 1 GiB).
@@ -133,34 +135,52 @@ def bench_step(name: str, model_path: str, rows: int, mini: int, prompt_len: int
 
 
 # ------------------------------------------------------------------------------------------ loss only
-def bench_loss_only(lengths: list[int], vocab: int, reps: int, report: C.Report) -> None:
-    from eopd_ray.config import LossConfig
-    from eopd_ray.losses import TokenStats, eopd_loss
+HIDDEN = 256  # hidden size of the chunked path's synthetic output head (the large random model's)
 
-    rows = []
+
+def bench_loss_only(lengths: list[int], vocab: int, reps: int, report: C.Report) -> None:
+    """The loss with its backward, eopd vs opd, on the path the default trainer.logits_chunk runs at `vocab`
+    (chunked: `eopd_loss_from_hidden` from (1, T, H) hidden states through a (V, H) head; full: `eopd_loss` on
+    (1, T, V) logits), and at the longest T also on the other path, for comparison."""
+    from eopd_ray.config import LossConfig, TrainerConfig
+    from eopd_ray.losses import TokenStats, eopd_loss, eopd_loss_from_hidden
+    from eopd_ray.objectives import resolve_logits_chunk
+
+    chunk = resolve_logits_chunk(TrainerConfig().logits_chunk, vocab)
+    default = "chunked" if chunk else "full"
+    rows = {"chunked": [], "full": []}
     C.use_exact_malloc()  # this part measures time and memory in the same calls (all tensors are huge)
-    for i, T in enumerate(lengths):
-        need = 5 * T * vocab * 4  # the logits and their gradient plus at most ~3 live V-wide temporaries
+    plan = [(T, default) for T in lengths] + [(lengths[-1], "full" if chunk else "chunked")] if lengths else []
+    for i, (T, path) in enumerate(plan):
+        need = 5 * T * vocab * 4 if path == "full" else 6 * min(T, chunk or 256) * vocab * 4 + T * vocab * 4
         if need > 0.85 * C.available_memory_bytes():
-            report.notes.append(f"loss alone: T={T} skipped, needs about {need / C.GIB:.1f} GiB")
+            report.notes.append(f"loss alone ({path}): T={T} skipped, needs about {need / C.GIB:.1f} GiB")
             continue
-        C.progress("loss_overhead", f"loss alone T={T}")
+        C.progress("loss_overhead", f"loss alone T={T}, {path} path")
         gen = torch.Generator().manual_seed(T)
-        logits = (torch.randn(1, T, vocab, generator=gen) * 2).requires_grad_(True)
         tokens = torch.randint(4, vocab, (1, T), generator=gen)
-        with torch.no_grad():
+        hidden = torch.randn(1, T, HIDDEN, generator=gen).requires_grad_(True)
+        weight = (torch.randn(vocab, HIDDEN, generator=gen) * (2 / HIDDEN ** 0.5)).requires_grad_(True)
+        with torch.no_grad():  # logits of about unit scale x 2, as the full path's random logits
+            logits = hidden @ weight.T
             old = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+        logits = logits.requires_grad_(True) if path == "full" else None
         lp, ent, ids, top = synthetic_teacher(T, vocab, gen)
         stats = TokenStats(lp[None], ent[None], top[None], ids[None])
         mask = torch.ones(1, T, dtype=torch.bool)
         cfgs = {obj: LossConfig(objective=obj, tau=TAU, top_k=K) for obj in ("eopd", "opd")}
+        leaves = [logits] if path == "full" else [hidden, weight]
 
         def run(obj):
             def f():
-                logits.grad = None
-                loss, _ = eopd_loss(logits, tokens, old, stats, mask, cfgs[obj])
+                if path == "full":
+                    loss, _ = eopd_loss(logits, tokens, old, stats, mask, cfgs[obj])
+                else:
+                    loss, _ = eopd_loss_from_hidden(hidden, lambda h: h @ weight.T, tokens, old, stats, mask,
+                                                    cfgs[obj], chunk_size=chunk or 256)
                 loss.backward()
-                logits.grad = None
+                for t in leaves:
+                    t.grad = None
             return f
 
         runs = {obj: run(obj) for obj in cfgs}
@@ -179,21 +199,22 @@ def bench_loss_only(lengths: list[int], vocab: int, reps: int, report: C.Report)
                 m[obj].append(grow)
                 t[obj].append(wall)
                 cpu[obj].append(c)
-        del logits
-        report.extra[f"loss_seconds_T{T}"] = {"wall": t, "cpu": cpu, "sys": sys_s}
+        del logits, hidden, weight
+        report.extra[f"loss_seconds_T{T}_{path}"] = {"wall": t, "cpu": cpu, "sys": sys_s}
         e, o = C.median(m["eopd"]), C.median(m["opd"])
-        rows.append({"config": f"loss T={T}", "vocab": vocab, "positions": T, "eopd_s": C.median(t["eopd"]),
-                     "opd_s": C.median(t["opd"]), "ratio": C.paired_ratio(t["eopd"], t["opd"]),
-                     "cpu_ratio": C.paired_ratio(cpu["eopd"], cpu["opd"]),
-                     "eopd_sys_s": C.median(sys_s["eopd"]), "opd_sys_s": C.median(sys_s["opd"]),
-                     "eopd_peak_mib": e / C.MIB, "opd_peak_mib": o / C.MIB, "peak_diff_mib": (e - o) / C.MIB,
-                     "logits_mib": T * vocab * 4 / C.MIB})
-    report.rows.extend(rows)
-    if rows:
-        last = rows[-1]
+        rows[path].append({"config": f"loss T={T} {path}", "vocab": vocab, "positions": T,
+                           "eopd_s": C.median(t["eopd"]), "opd_s": C.median(t["opd"]),
+                           "ratio": C.paired_ratio(t["eopd"], t["opd"]),
+                           "cpu_ratio": C.paired_ratio(cpu["eopd"], cpu["opd"]),
+                           "eopd_sys_s": C.median(sys_s["eopd"]), "opd_sys_s": C.median(sys_s["opd"]),
+                           "eopd_peak_mib": e / C.MIB, "opd_peak_mib": o / C.MIB, "peak_diff_mib": (e - o) / C.MIB,
+                           "logits_mib": T * vocab * 4 / C.MIB})
+    report.rows.extend(rows["chunked"] + rows["full"])
+    if rows[default]:
+        last = rows[default][-1]
         T = last["positions"]
-        report.add("loss_only_time_ratio", last["ratio"], "x", "<= 1.05",
-                   f"eopd_loss+backward eopd/opd at T={T}, V={vocab}, k={K}")
+        where = f"T={T}, V={vocab}, k={K}, {default} path (the default: trainer.logits_chunk=-1 -> {chunk})"
+        report.add("loss_only_time_ratio", last["ratio"], "x", "<= 1.05", f"loss + backward eopd/opd at {where}")
         report.add("loss_only_cpu_time_ratio", last["cpu_ratio"], "x", "<= 1.05",
                    "the same in process CPU time (load-robust)")
         report.add("loss_only_peak_mem_diff_gib", last["peak_diff_mib"] / 1024, "GiB", "<= 1",
@@ -203,6 +224,13 @@ def bench_loss_only(lengths: list[int], vocab: int, reps: int, report: C.Report)
                    note=f"float32 [T, V] row = {4 * vocab} B")
         report.add("loss_only_eopd_s", last["eopd_s"], "s")
         report.add("loss_only_opd_s", last["opd_s"], "s")
+    other = "full" if chunk else "chunked"
+    if rows[other]:
+        last = rows[other][-1]
+        report.add(f"loss_only_{other}_time_ratio", last["ratio"], "x",
+                   note=f"the same on the {other} path, T={last['positions']} (comparison)")
+        report.add(f"loss_only_{other}_eopd_s", last["eopd_s"], "s")
+        report.add(f"loss_only_{other}_opd_s", last["opd_s"], "s")
 
 
 def main(argv=None) -> int:

@@ -10,10 +10,11 @@ Alone: the same phases with the plain classes in this process (`RolloutWorker.ro
 `TeacherScorer.score`, `StudentTrainer.train_step` with world size 1, `export_weights` +
 `update_weights`), the same seeds and prompts, the same thread count.
 
-Threads: the headline pass gives every actor and the lone process the product's thread count
-(`actors.driver.build.actor_threads`: all cores, for every actor); a second, diagnostic pass
-(`--actor-threads N`, default 1, skipped with --quick; `placement.actor_threads=N`) sets N threads on both sides, to separate Ray's own cost from the cost of
-several processes' OpenMP pools sharing the cores. `--threads` is not used here.
+Threads: the headline pass gives every actor, and each phase alone, the product's thread count for its role
+(`actors.driver.build.actor_threads`: the actor's Ray CPUs, at least 1; 1 at the defaults); a second pass
+(`--actor-threads N`, default 1, skipped with --quick; `placement.actor_threads=N`) sets N threads on both
+sides. At the defaults both passes run 1 thread, so their difference is this machine's run-to-run spread.
+`--threads` is not used here.
 
 Both pipelines start from the same weights and see the same prompts and seeds, so they do the same work
 step by step (the losses are compared as a check). Steps alternate Ray / alone (order flipped every step)
@@ -26,11 +27,13 @@ import dataclasses
 import time
 
 import _common as C  # noqa: E402  (sets sys.path and the Ray environment)
+import torch  # noqa: E402
 
 
-def run_pass(ctx: dict, threads: int, actor_threads: int | None) -> dict:
+def run_pass(ctx: dict, threads: dict, actor_threads: int | None) -> dict:
     """One interleaved run: Ray pipeline and the phases alone, both built fresh from the model files.
-    actor_threads: the torch threads of every actor (diagnostic; None = the product's setting)."""
+    threads: {role: torch threads} of the phases alone; actor_threads: placement.actor_threads of every actor
+    (None = the product's setting)."""
     from actors.driver.phases import iteration
     from actors.driver.session import Session
     from actors.rollout.worker import RolloutWorker
@@ -55,21 +58,25 @@ def run_pass(ctx: dict, threads: int, actor_threads: int | None) -> dict:
                              "train": row["time/train"], "sync": row["time/sync_load"]}}
 
     # ---- alone: the same phases with the plain classes in this process ------------------------------
-    worker = RolloutWorker(models.student_path, vocab_size=models.vocab_size, num_threads=threads)
+    # One process: torch's thread count is global, so each phase sets its role's count before it runs.
+    worker = RolloutWorker(models.student_path, vocab_size=models.vocab_size, num_threads=threads["rollout"])
     scorer = TeacherScorer(models.teacher_path, top_k=cfg.loss.top_k, vocab_size=models.vocab_size,
-                           pad_id=models.pad_id, chunk_size=cfg.teacher.chunk_size, num_threads=threads)
+                           pad_id=models.pad_id, chunk_size=cfg.teacher.chunk_size, num_threads=threads["teacher"])
     trainer = StudentTrainer(models.student_path, cfg.trainer, cfg.loss, rank=0, world_size=1,
-                             vocab_size=models.vocab_size, pad_id=models.pad_id, num_threads=threads)
+                             vocab_size=models.vocab_size, pad_id=models.pad_id, num_threads=threads["student"])
     trainer.setup("127.0.0.1", free_port())
 
     def local_step(step: int) -> dict:
         prompts = batches[step]
         t0 = time.perf_counter()
+        torch.set_num_threads(threads["rollout"])
         table, stats = worker.rollout([r.id for r in prompts], [r.prompt_ids for r in prompts],
                                       [r.answer for r in prompts], params(step), cfg.rollout.n_samples_per_prompt)
         t1 = time.perf_counter()
+        torch.set_num_threads(threads["teacher"])
         scored, _ = scorer.score(table)
         t2 = time.perf_counter()
+        torch.set_num_threads(threads["student"])
         train = trainer.train_step(step, 1, table, scored)
         t3 = time.perf_counter()
         worker.update_weights(trainer.export_weights())
@@ -87,10 +94,11 @@ def run_pass(ctx: dict, threads: int, actor_threads: int | None) -> dict:
     return res
 
 
-def summarize(report: C.Report, prefix: str, res: dict, threads: int) -> None:
+def summarize(report: C.Report, prefix: str, res: dict, threads: dict) -> None:
     r, a = res["ray"][1:], res["alone"][1:]  # step 0 warms both up
     phases = ("rollout", "score", "train", "sync")
-    label = f" ({threads} thread{'s' if threads > 1 else ''} per process)"
+    n = sorted(set(threads.values()))
+    label = f" ({'/'.join(map(str, n))} thread{'s' if max(n) > 1 else ''} per process)"
     for name, rows in (("ray", r), ("alone", a)):
         report.rows.append({"pipeline": name + label, **{f"{ph}_s": C.median([x[ph] for x in rows]) for ph in phases},
                             "step_s": C.median([x["step"] for x in rows]),
@@ -101,7 +109,7 @@ def summarize(report: C.Report, prefix: str, res: dict, threads: int) -> None:
     ratio = C.paired_ratio([x["step"] for x in r], [x["step"] for x in a])
     if prefix:
         report.add(f"{prefix}step_time_ratio", ratio, "x",
-                   note=f"diagnostic: every actor and the lone process at {threads} torch thread(s)")
+                   note=f"every actor and each phase alone at {label.strip(' ()')}")
         report.add(f"{prefix}ray_step_s", C.median([x["step"] for x in r]), "s")
         report.add(f"{prefix}alone_step_s", C.median([x["step"] for x in a]), "s")
         return
@@ -142,7 +150,7 @@ def main(argv=None) -> int:
                      "max_new_tokens": max_new, "teacher": teacher_dir, "student": student_dir,
                      "rollout_workers": 1, "teacher_workers": 1, "student_ranks": 1}
 
-    from actors.driver.build import actor_threads as product_actor_threads
+    from actors.driver.build import actor_threads
     from actors.rollout.engine import SamplingParams
     from eopd_ray.config import load_config
     from eopd_ray.run_setup import load_data, resolve_models
@@ -163,16 +171,16 @@ def main(argv=None) -> int:
         return SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
                               seed=rollout_seed(t.seed, step, i))
 
-    product_threads = product_actor_threads(cfg)  # what every actor of a run gets (all cores)
+    product_threads = {r: actor_threads(cfg, r) for r in ("rollout", "teacher", "student")}  # what a run gives
     report.config["product_actor_threads"] = product_threads
     ray = C.init_local_ray()
     ctx = dict(cfg=cfg, models=models, batches=batches, params=params, ray=ray)
     passes = [("", product_threads, None)]  # headline: the product's setting, on both sides
     if args.actor_threads or not q:
         n = args.actor_threads or 1
-        passes.append((f"threads{n}_", n, n))
+        passes.append((f"threads{n}_", dict.fromkeys(product_threads, n), n))
     for prefix, local_threads, actor_threads in passes:
-        C.progress("pipeline_overhead", f"pass {prefix or 'product'}: {local_threads} thread(s) per process")
+        C.progress("pipeline_overhead", f"pass {prefix or 'product'}: {local_threads} threads per role")
         res = run_pass(ctx, local_threads, actor_threads)
         summarize(report, prefix, res, local_threads)
     ray.shutdown()

@@ -32,8 +32,8 @@ sys.path.insert(0, str(HERE))
 
 import _common as C  # noqa: E402
 
-BENCHMARKS = ("loss_overhead", "student_memory", "pipeline_overhead", "rollout_throughput", "teacher_scoring",
-              "weight_sync", "vllm_rollout")
+BENCHMARKS = ("loss_overhead", "student_memory", "pipeline_overhead", "overlap", "rollout_throughput",
+              "teacher_scoring", "weight_sync", "vllm_rollout")
 NEEDS_VLLM = ("vllm_rollout",)  # skipped (and said so) where vLLM is not installed
 
 

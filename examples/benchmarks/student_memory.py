@@ -7,7 +7,8 @@ vocabulary and response length.
 One `StudentTrainer.train_step` (the product's own: Arrow -> tensors, forward, loss, backward, AdamW; ZeRO-0,
 world size 1, objective eopd) on one row of a 16-token prompt and a T-token response, the same trainer and
 batch, with `trainer.logits_chunk` switched between 0 (the full [1, L, V] logits of the model's forward) and
-1,024 on alternate calls (lr 1e-7, so the model barely moves). Time: median of paired ratios over interleaved
+the chunk the default (-1, auto) runs at this vocabulary, 256 (`eopd_ray.objectives.core.LOGITS_CHUNK`), on
+alternate calls (lr 1e-7, so the model barely moves). Time: median of paired ratios over interleaved
 repetitions. Memory: peak RSS growth over the step (`_common.peak_rss_growth`), median of two each.
 Targets: logits_peak_ratio <= 0.125, step_time_ratio <= 1.10 (the chunked path recomputes each chunk's head in
 backward: one more head forward per step).
@@ -21,8 +22,6 @@ import time
 import _common as C  # noqa: E402  (sets sys.path and the Ray environment)
 
 from loss_overhead import K, TAU, make_tables  # noqa: E402
-
-CHUNK = 1024
 
 
 def main(argv=None) -> int:
@@ -42,6 +41,8 @@ def main(argv=None) -> int:
     from actors.student.trainer import StudentTrainer
     from eopd_ray.config import load_config
     from eopd_ray.models import load_tokenizer
+    from eopd_ray.objectives import resolve_logits_chunk
+    from eopd_ray.objectives.core import LOGITS_CHUNK
 
     path = C.random_model_dir(spec)
     tok = load_tokenizer(path)
@@ -52,8 +53,9 @@ def main(argv=None) -> int:
                         pad_id=tok.pad_token_id, num_threads=threads)
     tr.setup("127.0.0.1", free_port())
     rollout, teacher, n_tok = make_tables(tr.engine.module, vocab, 1, 16, T, seed=7)
+    chunk = resolve_logits_chunk(cfg.trainer.logits_chunk, vocab) or LOGITS_CHUNK  # the default's chunk here
     trainers = {"full": dataclasses.replace(cfg.trainer, logits_chunk=0),
-                "chunked": dataclasses.replace(cfg.trainer, logits_chunk=CHUNK)}
+                "chunked": dataclasses.replace(cfg.trainer, logits_chunk=chunk)}
     losses = {}
 
     def run(name):
@@ -70,12 +72,12 @@ def main(argv=None) -> int:
         for n in (list(trainers) if r % 2 == 0 else list(trainers)[::-1]):
             mem[n].append(C.peak_rss_growth(run(n))[0])
     peak = {n: C.median(v) for n, v in mem.items()}
-    report.rows.append({"config": spec.name, "positions": n_tok, "chunk": CHUNK,
+    report.rows.append({"config": spec.name, "positions": n_tok, "chunk": chunk,
                         **{f"{n}_s": C.median(times[n]) for n in trainers},
                         **{f"{n}_peak_gib": peak[n] / C.GIB for n in trainers}})
     report.extra["seconds"] = {"wall": times, "cpu": times.cpu}
     report.add("logits_peak_ratio", peak["chunked"] / peak["full"], "x", "<= 0.125",
-               f"peak RSS growth of a step, logits_chunk={CHUNK} over full logits, V={vocab}, T={n_tok}")
+               f"peak RSS growth of a step, logits_chunk={chunk} over full logits, V={vocab}, T={n_tok}")
     report.add("step_time_ratio", C.paired_ratio(times["chunked"], times["full"]), "x", "<= 1.10",
                "the same pair's step time (median of paired ratios)")
     report.add("full_peak_gib", peak["full"] / C.GIB, "GiB")
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     report.add("chunked_step_s", C.median(times["chunked"]), "s")
     report.add("loss_abs_diff", abs(losses["chunked"] - losses["full"]), "",
                note="same-work check: loss/total of the two paths on the same batch")
-    report.config = {"reps": reps, "threads": threads, "model": spec.key(), "response_len": T, "chunk": CHUNK}
+    report.config = {"reps": reps, "threads": threads, "model": spec.key(), "response_len": T, "chunk": chunk}
     report.print()
     report.write(args.json, time.perf_counter() - t_start)
     return 0
