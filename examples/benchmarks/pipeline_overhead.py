@@ -179,9 +179,9 @@ def main(argv=None) -> int:
     if args.actor_threads or not q:
         n = args.actor_threads or 1
         passes.append((f"threads{n}_", dict.fromkeys(product_threads, n), n))
-    for prefix, local_threads, actor_threads in passes:
+    for prefix, local_threads, override in passes:
         C.progress("pipeline_overhead", f"pass {prefix or 'product'}: {local_threads} threads per role")
-        res = run_pass(ctx, local_threads, actor_threads)
+        res = run_pass(ctx, local_threads, override)
         summarize(report, prefix, res, local_threads)
     ray.shutdown()
     report.print()
