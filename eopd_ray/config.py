@@ -239,9 +239,8 @@ class TrainerConfig:
     seed: int = 0  # rollout sampling and random gates derive their seeds from this and the step
     micro_batch_tokens: int = 0  # per-rank forward/backward budget in prompt+response tokens; 0 = a rank's share at once
     gradient_checkpointing: bool = False  # recompute activations in backward (GPU runs at 4k-token responses)
-    logits_chunk: int = -1  # > 0: the student's output head and loss over this many response positions at a time,
-    # recomputed in backward (logits memory chunk x V instead of rows x length x V); 0: the full logits at once;
-    # -1: auto, chunked where the vocabulary is large (eopd_ray.objectives.core.resolve_logits_chunk)
+    logits_chunk: int = -1  # > 0: output head + loss over this many response positions at a time, recomputed in
+    # backward; 0: the full logits; -1: auto, chunked at large vocabularies (objectives.core.resolve_logits_chunk)
 
     def validate(self, prefix: str = "trainer") -> None:
         _check_range(f"{prefix}.max_steps", self.max_steps, lo=0, integer=True)
