@@ -22,6 +22,8 @@ ROLLOUT_SCHEMA = pa.schema([
     ("logprobs", pa.list_(pa.float32())),  # behaviour log-probs of pi_old at the sampled tokens
     ("entropy", pa.list_(pa.float32())),  # the sampler's own full-vocabulary entropy per position
     ("correct", pa.bool_()),
+    # the prompt as the teacher reads it (teacher.prompt_template / system_prompt); empty: the student's prompt_ids
+    ("teacher_prompt_ids", pa.list_(pa.int32())),
 ])
 
 TEACHER_SCHEMA = pa.schema([
@@ -42,8 +44,12 @@ def _list_column(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False)))
 
 
-def make_rollout_table(sample_ids, prompt_ids, response_ids, logprobs, entropy, correct) -> pa.Table:
-    """All per-row arguments are sequences of equal length; the list ones hold 1-D numpy arrays."""
+def make_rollout_table(sample_ids, prompt_ids, response_ids, logprobs, entropy, correct,
+                       teacher_prompt_ids=None) -> pa.Table:
+    """All per-row arguments are sequences of equal length; the list ones hold 1-D numpy arrays.
+    teacher_prompt_ids: None, or per row the teacher's prompt (None or empty where it is the student's)."""
+    empty = np.zeros(0, dtype=np.int32)
+    teacher_rows = [empty if t is None else np.asarray(t) for t in (teacher_prompt_ids or [None] * len(sample_ids))]
     return pa.Table.from_arrays([
         pa.array(np.asarray(sample_ids, dtype=np.int64)),
         _list_column([np.asarray(p) for p in prompt_ids], pa.int32()),
@@ -51,6 +57,7 @@ def make_rollout_table(sample_ids, prompt_ids, response_ids, logprobs, entropy, 
         _list_column([np.asarray(x) for x in logprobs], pa.float32()),
         _list_column([np.asarray(x) for x in entropy], pa.float32()),
         pa.array(np.asarray(correct, dtype=bool)),
+        _list_column(teacher_rows, pa.int32()),
     ], schema=ROLLOUT_SCHEMA)
 
 
@@ -72,6 +79,14 @@ def list_rows(column: pa.ChunkedArray | pa.ListArray) -> list[np.ndarray]:
     offsets = column.offsets.to_numpy()
     values = column.values.to_numpy(zero_copy_only=False)
     return [values[offsets[i]:offsets[i + 1]] for i in range(len(column))]
+
+
+def teacher_prompt_rows(rollout: pa.Table) -> list[np.ndarray]:
+    """Per row, the prompt the teacher scores the response after: its own rendering where the rollout carries
+    one, else the student's prompt ids."""
+    student = list_rows(rollout.column("prompt_ids"))
+    teacher = list_rows(rollout.column("teacher_prompt_ids"))
+    return [t if len(t) else p for p, t in zip(student, teacher)]
 
 
 def write_rollout_files(directory: str | Path, tables: list[pa.Table]) -> None:

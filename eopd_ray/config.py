@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from eopd_ray.config_checks import check_range as _check_range, coerce as _coerce, fail as _fail
 from eopd_ray.errors import ConfigError
 from eopd_ray.objectives import Objective, get_objective, objective_names
 
@@ -21,34 +22,7 @@ FKL_NORMALIZERS = ("all_tokens", "gated_tokens")
 # while the student trains); `disaggregated`: separate GPU pools for rollout, teacher and student.
 PLACEMENT_MODES = ("cpu", "colocated", "disaggregated")
 WEIGHT_SYNCS = ("auto", "object_store", "broadcast")
-
-
-def _fail(path: str, value: Any, allowed: str, fix: str = "") -> None:
-    msg = f"config value {path}={value!r} is invalid: allowed {allowed}."
-    if fix:
-        msg += f" Fix: {fix}"
-    raise ConfigError(msg)
-
-
-def _check_range(path: str, value: Any, lo: float | None = None, hi: float | None = None,
-                 lo_open: bool = False, hi_open: bool = False, integer: bool = False) -> None:
-    """Raise ConfigError unless `value` is a number (an int if `integer`) inside the given bounds."""
-    kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        _fail(path, value, kind, f"set {path} to {kind}")
-    if not integer and math.isnan(value):
-        _fail(path, value, f"{kind}, not NaN")
-    bounds = []
-    if lo is not None:
-        bad = value <= lo if lo_open else value < lo
-        bounds.append(f"{'>' if lo_open else '>='} {lo}")
-        if bad:
-            _fail(path, value, f"{kind} {' and '.join(bounds)}" + (f" and {'<' if hi_open else '<='} {hi}" if hi is not None else ""))
-    if hi is not None:
-        bad = value >= hi if hi_open else value > hi
-        if bad:
-            _fail(path, value, f"{kind} {'<' if hi_open else '<='} {hi}" + (f" and {bounds[0]}" if bounds else ""))
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -201,6 +175,12 @@ class TeacherConfig:
     # partitioned over the workers and gathered layer by layer (teachers that do not fit one GPU)
     offload: str = "none"  # zero_stage 3 only: `cpu` keeps the partitions in host memory, streamed in per layer
     zero3_persistence_threshold: int = 100_000  # zero_stage 3: parameters this small stay whole on every worker
+    # The context the teacher scores each response in (the response ids themselves never change):
+    prompt_template: str = "student"  # student: the student's prompt ids; teacher: the teacher tokenizer's chat template
+    system_prompt: str = ""  # a system message only the teacher sees (rendered by prompt_template's chat template)
+    eos_remap: str = ""  # "": off; "A->B": the teacher reads end token A of a response as B (B as A); "auto": A, B
+    # = the student's and the teacher's tokenizer EOS when they differ (Qwen3 Base student, instruct teacher)
+    alignment_rows: int = 8  # sampled responses the alignment check reads at the first step (0: no check)
 
     def validate(self, prefix: str = "teacher") -> None:
         _check_range(f"{prefix}.num_workers", self.num_workers, lo=1, integer=True)
@@ -216,6 +196,13 @@ class TeacherConfig:
             _fail(f"{prefix}.offload", self.offload, f"none with {prefix}.zero_stage={self.zero_stage!r}",
                   f"set {prefix}.zero_stage=3 (parameter offload is a ZeRO-3 feature)")
         _check_range(f"{prefix}.zero3_persistence_threshold", self.zero3_persistence_threshold, lo=0, integer=True)
+        if self.prompt_template not in ("student", "teacher"):
+            _fail(f"{prefix}.prompt_template", self.prompt_template, "student or teacher",
+                  "student scores the student's own prompt ids; teacher renders the prompt with the teacher's template")
+        if self.eos_remap not in ("", "auto") and self.eos_remap.count("->") != 1:
+            _fail(f"{prefix}.eos_remap", self.eos_remap, "'', auto, or two tokens as 'STUDENT_END->TEACHER_END'",
+                  f"e.g. {prefix}.eos_remap='<|endoftext|>-><|im_end|>'")
+        _check_range(f"{prefix}.alignment_rows", self.alignment_rows, lo=0, integer=True)
 
 
 @dataclass
@@ -309,6 +296,9 @@ class PlacementConfig:
     weight_sync: str = "auto"
     check_sync: bool = True  # after the first weight sync of a run, compare engine and student log-probs
     actor_threads: int = 0  # torch threads of every actor; 0 = its Ray CPUs (at least 1), on GPUs its GPU share of the cores
+    # each role's actors go only to nodes offering the Ray resource eopd_<role> (`ray start --resources=
+    # '{"eopd_rollout": 100}'`): node pools per role, e.g. KubeRay worker groups
+    node_roles: bool = False
 
     def validate(self, prefix: str = "placement") -> None:
         if self.mode not in PLACEMENT_MODES:
@@ -317,6 +307,8 @@ class PlacementConfig:
         _check_range(f"{prefix}.gpus_per_node", self.gpus_per_node, lo=0, integer=True)
         _check_range(f"{prefix}.sync_bucket_mb", self.sync_bucket_mb, lo=1, integer=True)
         _check_range(f"{prefix}.actor_threads", self.actor_threads, lo=0, integer=True)
+        if not isinstance(self.node_roles, bool):
+            _fail(f"{prefix}.node_roles", self.node_roles, "true or false")
         if self.weight_sync not in WEIGHT_SYNCS:
             _fail(f"{prefix}.weight_sync", self.weight_sync, "one of " + ", ".join(WEIGHT_SYNCS))
         if self.mode == "cpu" and self.gpus_per_node:
@@ -325,6 +317,24 @@ class PlacementConfig:
         if self.mode != "cpu" and not self.gpus_per_node:
             _fail(f"{prefix}.gpus_per_node", self.gpus_per_node, f"at least 1 with placement.mode={self.mode}",
                   "set placement.gpus_per_node to the GPUs of each node, or placement.mode=cpu")
+
+
+@dataclass
+class LoggingConfig:
+    """Where the metrics go besides metrics.jsonl, which is always written."""
+
+    trackers: str = ""  # comma-separated: tensorboard, wandb (extras `.[tensorboard]`, `.[wandb]`); "" = none
+    wandb_project: str = "eopd-ray"  # W&B project; runs are offline (WANDB_MODE=offline) unless the user sets it
+    run_name: str = ""  # the trackers' run name; "" = the name of out_dir
+
+    def validate(self, prefix: str = "logging") -> None:
+        names = [t.strip() for t in self.trackers.split(",") if t.strip()]
+        for name in names:
+            if name not in TRACKERS:
+                _fail(f"{prefix}.trackers", self.trackers, "a comma-separated list of " + ", ".join(TRACKERS),
+                      f"e.g. {prefix}.trackers=tensorboard,wandb, or {prefix}.trackers='' for metrics.jsonl only")
+        if len(set(names)) != len(names):
+            _fail(f"{prefix}.trackers", self.trackers, "each tracker once")
 
 
 @dataclass
@@ -342,6 +352,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> "RunConfig":
         if not isinstance(self.out_dir, str) or not self.out_dir:
@@ -405,35 +416,6 @@ class RunConfig:
 
 # ---------------------------------------------------------------------------------------------------------
 # Building a RunConfig from a YAML preset and `section.field=value` overrides.
-
-
-def _coerce(path: str, raw: Any, annotation: str) -> Any:
-    """Convert a YAML/CLI value to the field's declared type, or fail naming the field."""
-    if annotation == "bool":
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return raw.lower() in ("true", "1", "yes")
-        _fail(path, raw, "true or false")
-    if annotation == "int":
-        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-            _fail(path, raw, "an integer")
-        try:
-            return int(raw)
-        except ValueError:
-            _fail(path, raw, "an integer")
-    if annotation == "float":
-        if isinstance(raw, bool):
-            _fail(path, raw, "a number")
-        try:
-            return float(raw)  # accepts "inf" and "1e-4", which YAML 1.1 reads as strings
-        except (TypeError, ValueError):
-            _fail(path, raw, "a number")
-    if annotation == "str":
-        if isinstance(raw, (dict, list)):
-            _fail(path, raw, "a string")
-        return "" if raw is None else str(raw)
-    return raw
 
 
 def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:

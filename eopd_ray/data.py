@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eopd_ray.teacher_context import render_prompt
+
 log = logging.getLogger(__name__)
 
 
@@ -22,6 +24,7 @@ class PromptRecord:
     prompt: str  # the question as written in the data
     answer: str  # gold answer, graded against the response
     prompt_ids: np.ndarray  # (P,) int32 token ids of the formatted prompt
+    teacher_prompt_ids: np.ndarray | None = None  # (P',) the prompt as the teacher reads it; None: prompt_ids
 
 
 def load_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer") -> list[dict]:
@@ -106,15 +109,6 @@ def synthetic_rows(n: int, seed: int, split: str) -> list[dict]:
             for p in task.make_problems(n, seed=seed, split=split)]
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    """The teacher's chat template in non-thinking mode (paper, Appendix A) when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        kwargs = {"enable_thinking": False}
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True, **kwargs)
-    return prompt
-
-
 def tokenize_rows(rows: list[dict], tokenizer, max_prompt_tokens: int, source: str,
                   suffix: str = "") -> list[PromptRecord]:
     """Format and tokenise every prompt (+ suffix); a prompt over the limit is an error naming its row."""
@@ -122,7 +116,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_prompt_tokens: int, source: s
         log.warning("tokenizer has no chat template: prompts from %s are used as raw text", source)
     records = []
     for i, row in enumerate(rows):
-        text = chat_prompt(tokenizer, row["prompt"] + suffix)
+        text = render_prompt(tokenizer, row["prompt"] + suffix)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise DataError(f"{source} row {i}: the prompt tokenises to nothing")

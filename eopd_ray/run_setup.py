@@ -8,12 +8,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from eopd_ray import checkpoint
 from eopd_ray.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from eopd_ray.data import DataError, PromptRecord, PromptSampler, load_rows, synthetic_rows, tokenize_rows
 from eopd_ray.models import architecture_mismatch, load_tokenizer, output_rows
 from eopd_ray.objectives import resolve_logits_chunk
 from eopd_ray.run_io import OutputDirError, check_out_dir
+from eopd_ray.teacher_context import first_difference, resolve_end_swap, teacher_prompt_ids
 from eopd_ray.vocab import VocabMismatchError, shared_vocab_size
 
 # What `prepare_run` raises for bad input (the message names the value and the fix); a recipe prints it and
@@ -29,6 +32,11 @@ class ResolvedModels:
     student_path: str
     vocab_size: int
     pad_id: int
+    end_swap: tuple[int, int] | None = None  # teacher.eos_remap resolved: (student end id, teacher end id)
+    # (the token the student's responses end with, the teacher's end of turn): the remap's pair when one is
+    # set, else the two tokenizers' EOS; and their token strings
+    end_ids: tuple[int | None, int | None] = (None, None)
+    end_names: tuple[str, str] = ("", "")
 
 
 @dataclass
@@ -70,11 +78,16 @@ def resolve_models(cfg: RunConfig):
     trc = cfg.model.trust_remote_code
     t_tok, s_tok = load_tokenizer(teacher, trc), load_tokenizer(student, trc)
     vocab = shared_vocab_size(t_tok, s_tok, output_rows(teacher, trc), output_rows(student, trc))
-    return ResolvedModels(str(teacher), str(student), vocab, s_tok.pad_token_id), s_tok
+    swap = resolve_end_swap(cfg.teacher.eos_remap, s_tok, t_tok)
+    ends = swap or (s_tok.eos_token_id, t_tok.eos_token_id)
+    return ResolvedModels(str(teacher), str(student), vocab, s_tok.pad_token_id, end_swap=swap,
+                          end_ids=ends, end_names=tuple(s_tok.convert_ids_to_tokens(i) if i is not None else ""
+                                                        for i in ends)), s_tok
 
 
-def load_data(cfg: RunConfig, tokenizer) -> tuple[PromptSampler, list[PromptRecord]]:
-    """(sampler over the training prompts, held-out records), tokenised and length-checked."""
+def load_data(cfg: RunConfig, tokenizer, teacher_tokenizer=None) -> tuple[PromptSampler, list[PromptRecord]]:
+    """(sampler over the training prompts, held-out records), tokenised and length-checked; the training
+    records carry the teacher's own prompt where teacher.prompt_template / system_prompt ask for one."""
     d = cfg.data
     train = load_rows(d.train_path, d.prompt_key, d.answer_key) if d.train_path else \
         synthetic_rows(d.num_train_problems, d.seed, "train")
@@ -84,6 +97,16 @@ def load_data(cfg: RunConfig, tokenizer) -> tuple[PromptSampler, list[PromptReco
                                d.prompt_suffix)
     eval_recs = tokenize_rows(held[:d.num_eval_problems], tokenizer, d.max_prompt_tokens,
                               d.eval_path or "synthetic test split", d.prompt_suffix + d.eval_prompt_suffix)
+    t = cfg.teacher
+    if t.prompt_template == "teacher" or t.system_prompt:
+        renderer = (teacher_tokenizer or tokenizer) if t.prompt_template == "teacher" else tokenizer
+        ids = teacher_prompt_ids([r.prompt + d.prompt_suffix for r in train_recs], renderer, t.system_prompt)
+        for rec, teacher_ids in zip(train_recs, ids):
+            rec.teacher_prompt_ids = None if np.array_equal(teacher_ids, rec.prompt_ids) else teacher_ids
+        at = first_difference(train_recs[0].prompt_ids, ids[0])
+        print("teacher context: " + ("the teacher reads the student's prompts unchanged" if at < 0 else
+              f"the teacher's prompt differs from the student's from token {at} on (student: "
+              f"{tokenizer.decode(train_recs[0].prompt_ids[at:at + 8])!r}, teacher: {renderer.decode(ids[0][at:at + 8])!r})"))
     return PromptSampler(train_recs, cfg.trainer.batch_size, d.seed), eval_recs
 
 
@@ -123,5 +146,5 @@ def prepare_run(cfg: RunConfig, resume: str | None = None) -> RunSetup:
     if ckpt is not None and (diff := architecture_mismatch(str(ckpt / "hf"), models.student_path)):
         raise checkpoint.CheckpointError(f"checkpoint {ckpt} belongs to another model ({'; '.join(diff)}); resume "
                                          "with the model.student it was trained from, or start a new --out")
-    sampler, eval_recs = load_data(cfg, tokenizer)
+    sampler, eval_recs = load_data(cfg, tokenizer, load_tokenizer(models.teacher_path, cfg.model.trust_remote_code))
     return RunSetup(cfg, models, sampler, eval_recs, out_dir, ckpt, restore_driver_state(ckpt, sampler))

@@ -154,7 +154,7 @@ def build_teachers(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
     t = cfg.teacher
     common = dict(model_path=models.teacher_path, top_k=cfg.loss.top_k, vocab_size=models.vocab_size,
                   pad_id=models.pad_id, chunk_size=t.chunk_size, dtype=cfg.model.teacher_dtype,
-                  trust_remote_code=cfg.model.trust_remote_code)
+                  trust_remote_code=cfg.model.trust_remote_code, end_swap=models.end_swap)
     if t.zero_stage == 0:
         return _group(cfg, "teacher", TeacherActor, t.num_workers,
                       lambda rank: dict(common, num_threads=actor_threads(cfg, "teacher")), t.num_cpus)

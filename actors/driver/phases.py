@@ -6,10 +6,12 @@ the `Session` of actors (actors/driver/session.py) and returns metrics as flat d
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
 import ray
+from tqdm import tqdm
 
 from actors.driver.session import ACTOR_DIED, Session
 from actors.rollout.engine import SamplingParams
@@ -17,6 +19,7 @@ from actors.runtime.group import ActorGroup
 from eopd_ray.batch import list_rows
 from eopd_ray.seeds import rollout_seed
 from eopd_ray.sharding import shard_slices
+from eopd_ray.teacher_context import alignment_report, alignment_warning
 
 
 @dataclass
@@ -36,7 +39,8 @@ def submit_rollouts(session: Session, step: int, prompts: list) -> PendingRollou
     roll = [a.rollout.options(num_returns=2).remote(
         [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
         SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                       seed=rollout_seed(cfg.trainer.seed, step, i)), cfg.rollout.n_samples_per_prompt)
+                       seed=rollout_seed(cfg.trainer.seed, step, i)), cfg.rollout.n_samples_per_prompt,
+        [r.teacher_prompt_ids for r in s])
         for i, (a, s) in enumerate(zip(workers, shards)) if s]
     return PendingRollout(step, [r[0] for r in roll], [r[1] for r in roll])
 
@@ -109,6 +113,25 @@ def check_sync(session: Session, rollout_ref, rows: int = 4) -> dict:
     return metrics
 
 
+def check_alignment(session: Session, rollout_ref, teacher_ref) -> dict:
+    """Once per process, before its first training step: how the teacher read a few of the sampled responses
+    (`eopd_ray.teacher_context.alignment_report`), printed, with a warning and the fix when the responses'
+    end token is far less likely under the teacher than its own end of turn. Returns the `align/*` metrics."""
+    session.aligned = True
+    rows = session.cfg.teacher.alignment_rows
+    if not rows:
+        return {}
+    rollout, teacher = ray.get([rollout_ref, teacher_ref])
+    m = session.models
+    report = alignment_report(rollout.slice(0, rows), teacher.slice(0, rows), *m.end_ids, session.cfg.loss.top_k)
+    # tqdm.write: printed above the progress bar rather than through it
+    tqdm.write("alignment check: " + ", ".join(f"{key.removeprefix('align/')}={value:.3g}" for key, value in report.items()))
+    warning = alignment_warning(report, *m.end_names, remapped=m.end_swap is not None)
+    if warning:
+        tqdm.write(f"warning: {warning}", file=sys.stderr)
+    return report
+
+
 def iteration(session: Session, step: int, prompts: list, next_prompts: list | None = None) -> dict:
     """One step of Algorithm 1: generate, score, train, sync. Returns the step's metrics row.
 
@@ -126,13 +149,14 @@ def iteration(session: Session, step: int, prompts: list, next_prompts: list | N
         # queued on each worker before this step's sync, so it samples with the weights held now
         session.ahead = submit_rollouts(session, step + 1, next_prompts)
     teacher_refs, teacher_stats = score_rollouts(session.teachers, rollout_refs, cfg.teacher.zero_stage == 3)
+    align = check_alignment(session, rollout_refs[0], teacher_refs[0]) if not session.aligned else {}
     t2 = time.perf_counter()
     train_metrics = session.students.run("train_step", step, len(rollout_refs), *rollout_refs, *teacher_refs)[0]
     t3 = time.perf_counter()
     sync_metrics = session.sync.sync() if session.on_policy else {}
     if session.on_policy and cfg.placement.check_sync and not session.sync_checked:
         sync_metrics.update(check_sync(session, rollout_refs[0]))
-    row = {"step": step + 1, **train_metrics, **sync_metrics, "rollout/workers": len(rollout_refs)}
+    row = {"step": step + 1, **train_metrics, **sync_metrics, **align, "rollout/workers": len(rollout_refs)}
     for stats in (rollout_stats, teacher_stats):
         for key in stats[0]:
             row[key] = sum(s[key] for s in stats) / len(stats)

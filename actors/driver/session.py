@@ -32,6 +32,7 @@ class Session:
     sync: WeightSync
     sync_checked: bool = False  # the engines' log-probs were compared with the student's after a sync
     ahead: Any = None  # rollout.overlap: the next step's rollouts in flight (phases.PendingRollout)
+    aligned: bool = False  # the teacher-context alignment check has run (once per process, at its first step)
 
     @property
     def on_policy(self) -> bool:

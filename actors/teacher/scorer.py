@@ -22,7 +22,8 @@ import pyarrow as pa
 import torch
 
 from actors.runtime.faults import maybe_fail
-from eopd_ray.batch import list_rows, make_teacher_table, sequence_batch
+from eopd_ray.batch import list_rows, make_teacher_table, sequence_batch, teacher_prompt_rows
+from eopd_ray.teacher_context import swap_ids
 from eopd_ray.stats import TokenStats, token_stats_from_hidden
 from eopd_ray.models import check_output_head, load_causal_lm, output_head, set_threads
 
@@ -35,18 +36,20 @@ def _empty_columns() -> dict[str, list]:
 class TeacherScorer:
     def __init__(self, model_path: str, top_k: int, vocab_size: int, pad_id: int, chunk_size: int = 1024,
                  dtype: str = "float32", trust_remote_code: bool = False, num_threads: int | None = None,
-                 max_batch: int = 64, device: str = "auto"):
-        self._configure(top_k, vocab_size, pad_id, chunk_size, max_batch, num_threads)
+                 max_batch: int = 64, device: str = "auto", end_swap: tuple[int, int] | None = None):
+        self._configure(top_k, vocab_size, pad_id, chunk_size, max_batch, num_threads, end_swap)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self._attach(load_causal_lm(model_path, dtype, trust_remote_code).to(self.device))
 
     def _configure(self, top_k: int, vocab_size: int, pad_id: int, chunk_size: int, max_batch: int,
-                   num_threads: int | None) -> None:
+                   num_threads: int | None, end_swap: tuple[int, int] | None = None) -> None:
         set_threads(num_threads)
         self.top_k, self.vocab_size, self.pad_id = top_k, vocab_size, pad_id
         self.chunk_size, self.max_batch = chunk_size, max_batch
+        # teacher.eos_remap: the two end tokens exchanged in everything the teacher reads and returns
+        self.end_swap = tuple(end_swap) if end_swap else None
 
     def _attach(self, model) -> None:
         self.model = model.eval()
@@ -71,9 +74,11 @@ class TeacherScorer:
         return self._result(rollout, cols, time.perf_counter() - t0)
 
     def _row_chunks(self, rollout: pa.Table) -> list[tuple[list, list]]:
-        """(prompts, responses) of at most `max_batch` rows each, in row order."""
-        prompts = list_rows(rollout.column("prompt_ids"))
-        responses = list_rows(rollout.column("response_ids"))
+        """(prompts, responses) of at most `max_batch` rows each, in row order, as the teacher reads them: its
+        own rendering of the prompt where the rollout carries one, and the responses with the two end tokens
+        exchanged (teacher.eos_remap; prompts are left alone, their template's turn markers are meant as written)."""
+        prompts = teacher_prompt_rows(rollout)
+        responses = [swap_ids(r, self.end_swap) for r in list_rows(rollout.column("response_ids"))]
         return [(prompts[s:s + self.max_batch], responses[s:s + self.max_batch])
                 for s in range(0, len(prompts), self.max_batch)]
 
@@ -105,7 +110,8 @@ class TeacherScorer:
             end = start + len(r)
             cols["logprobs"].append(stats.logprobs[start:end].float().numpy())
             cols["entropy"].append(stats.entropy[start:end].float().numpy())
-            cols["topk_ids"].append(stats.topk_ids[start:end].numpy().astype(np.int32))
+            # back into the student's ids: the top-k target at its end position names the student's end token
+            cols["topk_ids"].append(swap_ids(stats.topk_ids[start:end].numpy().astype(np.int32), self.end_swap))
             cols["topk_logprobs"].append(stats.topk_logprobs[start:end].float().numpy())
             start = end
 

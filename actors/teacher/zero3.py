@@ -65,9 +65,9 @@ class ShardedTeacherScorer(TeacherScorer):
     def __init__(self, model_path: str, top_k: int, vocab_size: int, pad_id: int, rank: int, world_size: int,
                  chunk_size: int = 1024, dtype: str = "float32", trust_remote_code: bool = False,
                  num_threads: int | None = None, max_batch: int = 64, backend: str = "gloo", offload: str = "none",
-                 persistence_threshold: int = 100_000):
+                 persistence_threshold: int = 100_000, end_swap: tuple[int, int] | None = None):
         # No model yet: it is loaded into partitions by `setup`, once every rank has joined the group.
-        self._configure(top_k, vocab_size, pad_id, chunk_size, max_batch, num_threads)
+        self._configure(top_k, vocab_size, pad_id, chunk_size, max_batch, num_threads, end_swap)
         self.model_path, self.dtype, self.trust_remote_code = model_path, dtype, trust_remote_code
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.offload, self.persistence_threshold = offload, persistence_threshold

@@ -1,0 +1,66 @@
+"""Value checks behind `eopd_ray.config`: the error that names a field, its value, what is allowed and the fix;
+number ranges; and the conversion of a YAML or command-line value to a field's declared type."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from eopd_ray.errors import ConfigError
+
+
+def fail(path: str, value: Any, allowed: str, fix: str = "") -> None:
+    msg = f"config value {path}={value!r} is invalid: allowed {allowed}."
+    if fix:
+        msg += f" Fix: {fix}"
+    raise ConfigError(msg)
+
+
+def check_range(path: str, value: Any, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False, integer: bool = False) -> None:
+    """Raise ConfigError unless `value` is a number (an int if `integer`) inside the given bounds."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        fail(path, value, kind, f"set {path} to {kind}")
+    if not integer and math.isnan(value):
+        fail(path, value, f"{kind}, not NaN")
+    bounds = []
+    if lo is not None:
+        bad = value <= lo if lo_open else value < lo
+        bounds.append(f"{'>' if lo_open else '>='} {lo}")
+        if bad:
+            fail(path, value, f"{kind} {' and '.join(bounds)}" + (f" and {'<' if hi_open else '<='} {hi}" if hi is not None else ""))
+    if hi is not None:
+        bad = value >= hi if hi_open else value > hi
+        if bad:
+            fail(path, value, f"{kind} {'<' if hi_open else '<='} {hi}" + (f" and {bounds[0]}" if bounds else ""))
+
+
+def coerce(path: str, raw: Any, annotation: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or fail naming the field."""
+    if annotation == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return raw.lower() in ("true", "1", "yes")
+        fail(path, raw, "true or false")
+    if annotation == "int":
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            fail(path, raw, "an integer")
+        try:
+            return int(raw)
+        except ValueError:
+            fail(path, raw, "an integer")
+    if annotation == "float":
+        if isinstance(raw, bool):
+            fail(path, raw, "a number")
+        try:
+            return float(raw)  # accepts "inf" and "1e-4", which YAML 1.1 reads as strings
+        except (TypeError, ValueError):
+            fail(path, raw, "a number")
+    if annotation == "str":
+        if isinstance(raw, (dict, list)):
+            fail(path, raw, "a string")
+        return "" if raw is None else str(raw)
+    return raw
