@@ -89,6 +89,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         self.rows: list[dict] = []
+        self.trackers = None  # eopd_ray.tracking.Trackers (set by open_run): receive every append and truncate
         if resume_step is not None and path.exists():
             self.rows = [_nan_for_null(json.loads(line)) for line in path.read_text().splitlines()]
             self.truncate(resume_step)
@@ -101,11 +102,15 @@ class MetricsLog:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(dumps_strict(r) + "\n" for r in self.rows))
         os.replace(tmp, self.path)
+        if self.trackers is not None:
+            self.trackers.truncate(step, self.rows)
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(dumps_strict(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
 
 
 def write_results(out_dir: Path, cfg: RunConfig, train_rows: list[dict], eval_results: dict,

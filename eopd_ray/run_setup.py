@@ -17,11 +17,13 @@ from eopd_ray.models import architecture_mismatch, load_tokenizer, output_rows
 from eopd_ray.objectives import resolve_logits_chunk
 from eopd_ray.run_io import OutputDirError, check_out_dir
 from eopd_ray.teacher_context import first_difference, resolve_end_swap, teacher_prompt_ids
+from eopd_ray.tracking import TrackerError
 from eopd_ray.vocab import VocabMismatchError, shared_vocab_size
 
 # What `prepare_run` raises for bad input (the message names the value and the fix); a recipe prints it and
 # exits with status 2 before anything has started.
-SETUP_ERRORS = (ConfigError, DataError, VocabMismatchError, OutputDirError, checkpoint.CheckpointError)
+SETUP_ERRORS = (ConfigError, DataError, VocabMismatchError, OutputDirError, checkpoint.CheckpointError,
+                TrackerError)
 
 
 @dataclass

@@ -58,10 +58,10 @@ def main(argv=None) -> int:
             print(format_plan(cfg), file=sys.stderr)  # stdout stays pure JSON for tools
             return 0
         run = prepare(cfg, args.resume)
+        log = open_run(run)  # metrics.jsonl and the trackers of logging.trackers
     except SETUP_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log = open_run(run)
     init_ray(cfg.ray_address)
     session = Session.build(run.cfg, run.models, run.ckpt)  # run.cfg: with what the models resolved
     try:
@@ -89,8 +89,10 @@ def main(argv=None) -> int:
             training_curves(log.rows, run.out_dir / "training_curves.png", f"{cfg.loss.objective} on {cfg.model.student}")
         if finished:
             print(f"wrote {write_results(run.out_dir, cfg, log.rows, results, report)}")
+        log.trackers.log_eval(results)
     finally:
         # ---- clean up -----------------------------------------------------------------------------------
+        log.trackers.close()
         session.shutdown()
         ray.shutdown()
     return 0
