@@ -81,6 +81,7 @@ class ModelConfig:
     teacher_dtype: str = "float32"  # dtype the teacher runs in (statistics are float32 regardless)
     trust_remote_code: bool = False  # never run model code from a hub repo unless asked
     tiny_cache_dir: str = ""  # where the tiny models are built and cached; empty = ~/.cache/eopd_ray
+    tiny_variant: str = "default"  # which embedded pair `tiny` means (eopd_ray.tiny_models.VARIANTS)
 
     def validate(self, prefix: str = "model") -> None:
         for name in ("teacher", "student"):
@@ -92,6 +93,10 @@ class ModelConfig:
                 _fail(f"{prefix}.{name}", getattr(self, name), "float32 or bfloat16")
         if not isinstance(self.trust_remote_code, bool):
             _fail(f"{prefix}.trust_remote_code", self.trust_remote_code, "true or false")
+        from eopd_ray.tiny_models import VARIANTS
+
+        if self.tiny_variant not in VARIANTS:
+            _fail(f"{prefix}.tiny_variant", self.tiny_variant, "one of " + ", ".join(VARIANTS))
 
 
 @dataclass

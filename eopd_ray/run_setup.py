@@ -72,9 +72,10 @@ def resolve_models(cfg: RunConfig):
     """(ResolvedModels, the student's tokenizer); `tiny` is built (once) and cached."""
     teacher, student = cfg.model.teacher, cfg.model.student
     if "tiny" in (teacher, student):
-        from eopd_ray.tiny_models import ensure_tiny_models
+        from eopd_ray.tiny_models import VARIANTS, ensure_tiny_models
 
-        tiny_teacher, tiny_student = ensure_tiny_models(cache_dir=cfg.model.tiny_cache_dir or None)
+        tiny_teacher, tiny_student = ensure_tiny_models(cache_dir=cfg.model.tiny_cache_dir or None,
+                                                        cfg=VARIANTS[cfg.model.tiny_variant])
         teacher = tiny_teacher if teacher == "tiny" else teacher
         student = tiny_student if student == "tiny" else student
     trc = cfg.model.trust_remote_code

@@ -279,6 +279,18 @@ def _build_one(out_dir: Path, cfg: TinyModelsConfig, name: str, progress: bool) 
         torch.set_num_threads(prev_threads)
 
 
+# The embedded pairs `model.tiny_variant` names: one teacher, three students. `calibrated` and `canonical60`
+# were built to look for OPD's entropy collapse on this task (README, "Looking for OPD's collapse on a laptop").
+VARIANTS = {
+    "default": TinyModelsConfig(),  # over-dispersed student (label smoothing 0.1)
+    # smaller, trained on the exact soft targets without smoothing: as calibrated as its width allows
+    "calibrated": TinyModelsConfig(student=TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, steps=800, lr=2e-3)),
+    # 60% of its rows in the left-to-right order: starts with fewer high-entropy tokens than the teacher
+    "canonical60": TinyModelsConfig(student=TinyModelSpec(hidden_size=96, num_layers=2, num_heads=3, steps=700,
+                                                          lr=1e-3, canonical_frac=0.6)),
+}
+
+
 def _config_from_dict(d: dict) -> TinyModelsConfig:
     d = dict(d)
     teacher, student = TinyModelSpec(**d.pop("teacher")), TinyModelSpec(**d.pop("student"))

@@ -235,3 +235,17 @@ def test_label_smoothing_spreads_a_share_of_each_target_over_the_vocabulary():
     assert torch.equal(resp, y1.sum(-1) > 0)  # no target outside the responses
     torch.testing.assert_close(y1[resp], 0.8 * y0[resp] + 0.2 / len(tok), rtol=0, atol=1e-7)
     torch.testing.assert_close(y1[resp].sum(-1), torch.ones(int(resp.sum())), rtol=0, atol=1e-6)
+
+
+def test_variants_share_the_teacher_and_validate(tmp_path):
+    from eopd_ray.config import ConfigError, load_config
+    from eopd_ray.tiny_models import VARIANTS
+
+    assert VARIANTS["default"].key() == TinyModelsConfig().key()  # `tiny` alone keeps its cache
+    assert len({v.key() for v in VARIANTS.values()}) == len(VARIANTS)
+    for name, cfg in VARIANTS.items():
+        cfg.validate()
+        assert cfg.teacher == TinyModelsConfig().teacher, name  # one teacher: only the student differs
+        assert load_config(None, [f"model.tiny_variant={name}"]).model.tiny_variant == name
+    with pytest.raises(ConfigError, match="model.tiny_variant='big' is invalid: allowed one of default"):
+        load_config(None, ["model.tiny_variant=big"])
