@@ -15,6 +15,11 @@ Three modes (`placement.mode`):
   `COLOCATED_SHARE` (Ray bookkeeping only; the memory is shared in time: vLLM sleeps while the student trains).
   The weight sync then goes GPU-local through CUDA IPC, so every engine needs a student rank on its GPU and
   engines use one GPU each (tensor parallelism across GPUs is offered in disaggregated mode).
+
+`placement.node_roles` (cpu and disaggregated modes): node pools per role. Every bundle of a role also asks
+for `ROLE_RESOURCE_AMOUNT` of the custom Ray resource `eopd_<role>`, so Ray places it only on nodes started
+with that resource (`ray start --resources='{"eopd_rollout": 100}'`, a KubeRay worker group's
+rayStartParams). In disaggregated mode each role then fills nodes of its own.
 """
 
 from __future__ import annotations
@@ -27,6 +32,19 @@ from eopd_ray.errors import ConfigError
 ROLES = ("student", "teacher", "rollout")
 # Ray num_gpus per actor when the three roles share one GPU (they must add up to at most 1).
 COLOCATED_SHARE = {"student": 0.4, "rollout": 0.4, "teacher": 0.2}
+# placement.node_roles: what each bundle asks of its pool's resource. Small, so that a node offering e.g.
+# {"eopd_rollout": 100} is limited by its CPUs and GPUs, never by this bookkeeping resource.
+ROLE_RESOURCE_AMOUNT = 0.001
+
+
+def role_resource(role: str) -> str:
+    """The custom Ray resource a node offers to take actors of `role` (placement.node_roles)."""
+    return f"eopd_{role}"
+
+
+def role_resources(cfg: Any, role: str) -> dict[str, float]:
+    """What each bundle of `role` asks for besides CPUs and GPUs: {} unless placement.node_roles."""
+    return {role_resource(role): ROLE_RESOURCE_AMOUNT} if cfg.placement.node_roles else {}
 
 
 class PlacementError(ConfigError):
@@ -90,8 +108,13 @@ def plan_placement(cfg: Any) -> PlacementPlan:
     counts, cpus = _counts(cfg), _cpus(cfg)
     if p.mode == "cpu":
         slots = tuple(Slot(r, i, None, (), 0.0, cpus[r], i) for r in ROLES for i in range(counts[r]))
-        return PlacementPlan("cpu", p.num_nodes, 0, slots, {r: [{"CPU": cpus[r]}] * counts[r] for r in ROLES})
+        return PlacementPlan("cpu", p.num_nodes, 0, slots,
+                             {r: [{"CPU": cpus[r], **role_resources(cfg, r)}] * counts[r] for r in ROLES})
     if p.mode == "colocated":
+        if p.node_roles:
+            _fail("placement.node_roles", True, "false with placement.mode=colocated (every role shares every "
+                  "GPU, so no node can serve one role only)",
+                  "set placement.mode=disaggregated for node pools per role, or placement.node_roles=false")
         return _colocated(cfg, counts, cpus)
     return _disaggregated(cfg, counts, cpus)
 
@@ -133,6 +156,15 @@ def _disaggregated(cfg: Any, counts: dict[str, int], cpus: dict[str, float]) -> 
               "tensor-parallel GPUs must share one node)",
               "lower rollout.tensor_parallel_size or use nodes with more GPUs")
     need = counts["student"] + counts["teacher"] + counts["rollout"] * tp
+    if p.node_roles:  # each role on nodes of its own: whole nodes per role
+        widths = {"student": 1, "teacher": 1, "rollout": tp}
+        nodes = sum(-(-counts[r] // (p.gpus_per_node // widths[r])) for r in ROLES)
+        if nodes > p.num_nodes:
+            _fail("placement.num_nodes", p.num_nodes,
+                  f"at least {nodes} nodes with placement.node_roles=true (each role on nodes of its own, "
+                  f"{p.gpus_per_node} GPUs each, for {counts['student']} student ranks, {counts['teacher']} "
+                  f"teacher workers and {counts['rollout']} rollout engines x tensor_parallel_size {tp})",
+                  f"set placement.num_nodes={nodes}, or placement.node_roles=false to share nodes between roles")
     if need > total:
         _fail("placement.num_nodes", p.num_nodes,
               f"enough nodes for {need} GPUs ({counts['student']} student ranks + {counts['teacher']} teacher "
@@ -144,6 +176,8 @@ def _disaggregated(cfg: Any, counts: dict[str, int], cpus: dict[str, float]) -> 
     slots = []
     for role in ROLES:
         width = tp if role == "rollout" else 1
+        if p.node_roles:  # a role never shares a node: close the nodes earlier roles have touched
+            free = [0 if f < p.gpus_per_node else f for f in free]
         for i in range(counts[role]):
             node = next((n for n in range(p.num_nodes) if free[n] >= width), None)
             if node is None:
@@ -154,7 +188,8 @@ def _disaggregated(cfg: Any, counts: dict[str, int], cpus: dict[str, float]) -> 
             first = p.gpus_per_node - free[node]
             free[node] -= width
             slots.append(Slot(role, i, node, tuple(range(first, first + width)), float(width), cpus[role], i))
-    bundles = {r: [{"CPU": cpus[r], "GPU": float(tp if r == "rollout" else 1)}] * counts[r] for r in ROLES}
+    bundles = {r: [{"CPU": cpus[r], "GPU": float(tp if r == "rollout" else 1), **role_resources(cfg, r)}]
+               * counts[r] for r in ROLES}
     return PlacementPlan("disaggregated", p.num_nodes, p.gpus_per_node, tuple(slots), bundles)
 
 
@@ -189,10 +224,13 @@ def format_plan(cfg: Any) -> str:
     """A human-readable plan for `--dry-run`: one line per node listing its actors, then the Ray bundles."""
     plan = plan_placement(cfg)
     counts = _counts(cfg)
+    pools = cfg.placement.node_roles
     if not plan.has_gpus:
-        lines = ["placement: cpu (no GPU requested; Ray places the actors on any node)"]
+        lines = ["placement: cpu (no GPU requested; " + ("each role only on nodes offering its resource, "
+                 "placement.node_roles)" if pools else "Ray places the actors on any node)")]
         for role in ROLES:
-            lines.append(f"  {role:8s} x{counts[role]}: bundle {plan.bundles[role][0]} each")
+            where = f", on nodes offering {role_resource(role)}" if pools else ""
+            lines.append(f"  {role:8s} x{counts[role]}: bundle {plan.bundles[role][0]} each{where}")
         return "\n".join(lines + _teacher_line(cfg))
     total = plan.num_nodes * plan.gpus_per_node
     lines = [f"placement: {plan.mode}, {plan.num_nodes} node(s) x {plan.gpus_per_node} GPUs = {total}, "
@@ -209,7 +247,8 @@ def format_plan(cfg: Any) -> str:
             desc = "; ".join(f"GPU {g}: {', '.join(names)}" for g, names in sorted(by_gpu.items()))
         else:
             desc = ", ".join(f"{s.role} {s.rank} on {_gpu_list(s.gpus)}" for s in sorted(here, key=lambda s: s.gpus))
-        lines.append(f"  node {node}: {desc}")
+        pool = f" (a node offering {role_resource(here[0].role)})" if pools else ""
+        lines.append(f"  node {node}{pool}: {desc}")
     if plan.mode == "colocated":
         b = plan.bundles["shared"]
         lines.append(f"  Ray: one placement group of {len(b)} one-GPU bundles (PACK); per actor num_gpus "

@@ -156,3 +156,33 @@ def test_every_preset_has_a_valid_plan(path):
     assert (t.batch_size, t.mini_batch_size, t.lr, cfg.rollout.max_new_tokens) == (128, 32, 3e-6, 4096)
     assert (cfg.loss.top_k, cfg.loss.tau, cfg.rollout.temperature) == (16, 0.8, 1.0)
     assert cfg.rollout.top_p == (0.8 if "llama" in path.name else 1.0)
+
+
+def test_node_roles_send_each_role_to_its_own_pool():
+    # cpu: every bundle asks for a little of eopd_<role>, so only nodes started with that resource take it
+    cfg = _cfg("placement.node_roles=true", "rollout.num_workers=2")
+    plan = plan_placement(cfg)
+    assert plan.bundles["rollout"] == [{"CPU": 0.5, "eopd_rollout": 0.001}] * 2
+    assert plan.bundles["student"] == [{"CPU": 0.5, "eopd_student": 0.001}]
+    text = format_plan(cfg)
+    assert "rollout  x2: bundle {'CPU': 0.5, 'eopd_rollout': 0.001} each, on nodes offering eopd_rollout" in text
+    assert "eopd_" not in format_plan(_cfg())  # off by default: the bundles of before
+    # disaggregated: a role never shares a node, so 2 students + 1 teacher take two 4-GPU nodes of their own
+    plan = plan_placement(_gpu("disaggregated", 4, 4, 2, 1, 2, 2, "placement.node_roles=true"))
+    nodes = {role: {s.node for s in plan.role(role)} for role in ("student", "teacher", "rollout")}
+    assert nodes == {"student": {0}, "teacher": {1}, "rollout": {2}}
+    assert plan.bundles["teacher"] == [{"CPU": 0.5, "GPU": 1.0, "eopd_teacher": 0.001}]
+    text = format_plan(_gpu("disaggregated", 4, 4, 2, 1, 2, 2, "placement.node_roles=true"))
+    assert "node 0 (a node offering eopd_student): student 0 on GPU 0, student 1 on GPU 1" in text
+    assert "node 2 (a node offering eopd_rollout): rollout 0 on GPUs 0-1, rollout 1 on GPUs 2-3" in text
+    assert "node 3: idle" in text
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (("disaggregated", 2, 4, 1, 1, 1), "placement.num_nodes=2"),  # 3 GPUs fit one node, but 3 roles need 3
+    (("colocated", 1, 2, 2, 1, 2), "placement.node_roles=True"),  # colocated roles share every GPU
+])
+def test_node_roles_refuse_plans_that_mix_roles(overrides, field):
+    with pytest.raises(PlacementError) as err:
+        _gpu(*overrides, 1, "placement.node_roles=true")
+    assert field in str(err.value) and "Fix:" in str(err.value)

@@ -22,7 +22,7 @@ from actors.sync.base import ObjectStoreWeightSync, WeightSync
 from eopd_ray.config import RunConfig
 from eopd_ray.objectives import Objective
 from eopd_ray.run_setup import ResolvedModels
-from eopd_ray.placement import PlacementPlan, cpu_block, plan_placement
+from eopd_ray.placement import PlacementPlan, cpu_block, plan_placement, role_resources
 from eopd_ray.placement import actor_threads as placement_threads
 
 
@@ -116,8 +116,10 @@ def _group(cfg: RunConfig, role: str, actor_cls, n: int, kwargs_for_rank, num_cp
     if plan.mode == "colocated":
         return ColocatedGroup(role, actor_cls, n, kwargs_for_rank, _shared(plan), num_cpus, plan.num_gpus(role),
                               owns_placement=role == "student")
-    # CPU: num_gpus is 0 and the bundles are {"CPU": num_cpus}, exactly as before placement existed.
-    return ActorGroup(role, actor_cls, n, kwargs_for_rank, num_cpus=num_cpus, num_gpus=plan.num_gpus(role))
+    # CPU: num_gpus is 0 and the bundles are {"CPU": num_cpus}, exactly as before placement existed;
+    # placement.node_roles adds the role's pool resource to every bundle (eopd_ray.placement.role_resources).
+    return ActorGroup(role, actor_cls, n, kwargs_for_rank, num_cpus=num_cpus, num_gpus=plan.num_gpus(role),
+                      resources=role_resources(cfg, role))
 
 
 def _engine_kwargs(cfg: RunConfig, rank: int) -> dict:

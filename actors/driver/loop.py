@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from actors.driver.phases import PendingRollout, iteration
 from actors.driver.session import ACTOR_DIED, Session
+from actors.runtime.faults import hold_after
 from actors.student.trainer import NonFiniteLossError
 from eopd_ray import checkpoint
 from eopd_ray.batch import read_rollout_files, write_rollout_files
@@ -118,6 +119,7 @@ def train(run: RunSetup, session: Session, log: MetricsLog, stop_after: int = 0)
             stop_now = bool(stop_after) and step >= stop_after
             if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stop_now:
                 save_checkpoint(run.out_dir, step, session, sampler_state)
+            hold_after(step)
             if stop_now and step < t.max_steps:
                 print(f"stopping after step {step} (--stop-after); continue with --resume {run.out_dir}")
                 return False

@@ -22,6 +22,21 @@ ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.
               ray.exceptions.WorkerCrashedError)
 
 
+def node_report(groups: dict[str, ActorGroup]) -> list[str]:
+    """One line per actor: the Ray node it landed on (its id, its name, and the eopd_<role> pools it offers,
+    placement.node_roles), e.g. `[nodes] rollout 0: node 5e1f... (10.0.3.7, eopd_rollout)`. Tests and
+    operators read where Ray actually put each role, which the placement plan can only intend."""
+    nodes = {n["NodeID"]: n for n in ray.nodes()}
+    lines = []
+    for role, group in groups.items():
+        for i, node_id in enumerate(group.node_ids()):
+            info = nodes.get(node_id, {})
+            pools = sorted(k for k in info.get("Resources", {}) if k.startswith("eopd_"))
+            where = ", ".join([info.get("NodeName", "?"), *pools])
+            lines.append(f"[nodes] {role} {i}: node {node_id or '?'} ({where})")
+    return lines
+
+
 @dataclass
 class Session:
     cfg: RunConfig
@@ -53,6 +68,8 @@ class Session:
         ray.get(rollouts.call("ping") + teachers.call("ping"))
         print(f"actors ready in {time.perf_counter() - t0:.1f} s: {len(rollouts)} rollout, {len(teachers)} teacher, "
               f"{len(students)} student rank(s)")
+        for line in node_report({"rollout": rollouts, "teacher": teachers, "student": students}):
+            print(line)
         return session
 
     def rebuild(self, ckpt: Path | None) -> None:
@@ -80,6 +97,8 @@ class Session:
             if self.on_policy or student_path:
                 self.sync.sync()
             tqdm.write(f"[elastic] {len(joined)} rollout worker(s) joined; {len(self.rollouts)} working")
+            for line in node_report({"rollout": self.rollouts}):
+                tqdm.write(line)
         return len(joined)
 
     def recover_rollout_workers(self, where: str, student_path: str | None = None) -> bool:

@@ -8,6 +8,9 @@ entry fires exactly once. `maybe_fail(role)` then kills the process with SIGKILL
 rollout_eval (evaluation calls), teacher, student); `injected(role)` returns True instead and the caller
 misbehaves (role stale_tied_head: a vLLM weight update leaves the tied output head out, the bug the post-sync
 check must catch). Without the variable both are no-ops costing one dict lookup.
+
+EOPD_HOLD_FILE (`hold_after`) pauses the driver between steps, so a test can change the cluster under a
+running job at a known point.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import fcntl
 import json
 import os
 import signal
+import time
 from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
 
 _calls: Counter = Counter()
 
@@ -52,3 +59,23 @@ def injected(role: str) -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     return True
+
+
+HOLD_FILE_ENV = "EOPD_HOLD_FILE"
+
+
+def hold_after(step: int) -> None:
+    """For tests that change the cluster under a running job (tests/test_multinode_e2e.py takes a node away):
+    when the file named by EOPD_HOLD_FILE holds the number of the step just done, say so and wait until the
+    file is removed. The test then acts at a known point of the run (the step logged and checkpointed, no call
+    in flight), however fast the steps are. Unset, as outside those tests: a no-op."""
+    path = Path(os.environ.get(HOLD_FILE_ENV) or "")
+    try:
+        held = int(path.read_text().strip()) if path.name else None
+    except (OSError, ValueError):
+        return
+    if held != step:
+        return
+    tqdm.write(f"[hold] after step {step}: waiting while {path} exists")
+    while path.exists():
+        time.sleep(0.2)

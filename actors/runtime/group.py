@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import ray
@@ -13,15 +14,18 @@ class ActorGroup:
     """`n` actors of `actor_cls`, one per bundle of a placement group.
 
     kwargs_for_rank(rank) gives each member's constructor arguments. Bundles ask for `num_cpus` CPUs and
-    `num_gpus` GPUs each; `strategy` PACK keeps a group on as few nodes as possible (SPREAD for
-    data-parallel groups that should use several nodes).
+    `num_gpus` GPUs each, plus `resources` (custom Ray resources, e.g. {"eopd_rollout": 0.001} so that only
+    nodes offering it take the group: placement.node_roles); `strategy` PACK keeps a group on as few nodes as
+    possible (SPREAD for data-parallel groups that should use several nodes).
     """
 
     def __init__(self, name: str, actor_cls, n: int, kwargs_for_rank: Callable[[int], dict],
                  num_cpus: float = 1.0, num_gpus: float = 0.0, strategy: str = "PACK",
-                 env_vars: dict[str, str] | None = None, ready_timeout_s: float = 600.0):
+                 env_vars: dict[str, str] | None = None, ready_timeout_s: float = 600.0,
+                 resources: dict[str, float] | None = None):
         self.name = name
         bundle = {"CPU": num_cpus} if not num_gpus else {"CPU": num_cpus, "GPU": num_gpus}
+        bundle.update(resources or {})
         self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy, name=f"eopd-{name}")
         ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)
         if not ready:
@@ -41,23 +45,39 @@ class ActorGroup:
             **self._options).remote(**self._kwargs_for_rank(bundle))
 
     # -- elasticity: members that die leave; replacements join when the cluster can place them ------------
-    def drop_dead(self, timeout_s: float = 30.0) -> int:
+    def drop_dead(self, timeout_s: float = 30.0, verdict_s: float = 180.0) -> int:
         """Ping every member; remove those whose process is gone (their bundles become free). Returns how many
-        left. A member that does not answer within `timeout_s` but is not dead stays."""
-        refs = [a.ping.remote() for a in self.actors]
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)  # one deadline for all
-        alive = []
-        for actor, bundle, ref in zip(self.actors, self.bundles, refs):
-            try:
-                if ref in done:
-                    ray.get(ref)
-                alive.append((actor, bundle))  # answered, or busy past the deadline: not known to be dead
-            except ray.exceptions.ActorUnavailableError:
-                alive.append((actor, bundle))  # unreachable for now (e.g. restarting): may come back
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
-                ray.kill(actor, no_restart=True)
-        lost = len(self.actors) - len(alive)
-        self.actors, self.bundles = [a for a, _ in alive], [b for _, b in alive]
+        left. A member that does not answer within `timeout_s` but is not dead stays.
+
+        A member that is unavailable (ActorUnavailableError: its node stopped answering without notice, a spot
+        node or a partition, and Ray has not declared the node dead yet; that takes its health checks some
+        seconds) is pinged again until Ray decides, for up to `verdict_s`: our actors never restart, so
+        unavailable ends as answered (a transient fault: it stays) or dead (it leaves). Undecided after
+        `verdict_s`, it stays."""
+        status: dict[int, str] = {}  # member index -> "alive" | "dead"
+        deadline = time.monotonic() + verdict_s
+        while True:
+            undecided = [i for i in range(len(self.actors)) if i not in status]
+            refs = [self.actors[i].ping.remote() for i in undecided]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)  # one deadline for all
+            retry = []
+            for i, ref in zip(undecided, refs):
+                try:
+                    if ref in done:
+                        ray.get(ref)
+                    status[i] = "alive"  # answered, or busy past the deadline: not known to be dead
+                except ray.exceptions.ActorUnavailableError:
+                    retry.append(i)  # unreachable for now: dead or back, Ray will tell
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
+                    status[i] = "dead"
+                    ray.kill(self.actors[i], no_restart=True)
+            if not retry or time.monotonic() > deadline:
+                status.update({i: "alive" for i in retry})
+                break
+            time.sleep(1.0)
+        lost = sum(v == "dead" for v in status.values())
+        keep = [i for i in range(len(self.actors)) if status[i] == "alive"]
+        self.actors, self.bundles = [self.actors[i] for i in keep], [self.bundles[i] for i in keep]
         return lost
 
     def grow(self, target: int, wait_s: float = 0.0) -> list:
@@ -90,6 +110,12 @@ class ActorGroup:
 
     def __len__(self) -> int:
         return len(self.actors)
+
+    def node_ids(self) -> list[str]:
+        """The Ray node id (hex) each member runs on, in `self.actors` order: the node its bundle is placed on
+        now (after a node is lost, Ray moves the bundle to another node and a replacement starts there)."""
+        where = ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {})
+        return [where.get(b, "") for b in self.bundles]
 
     def call(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         """Submit the same call to every member; returns one ref per member (no waiting)."""
