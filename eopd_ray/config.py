@@ -332,8 +332,12 @@ class LoggingConfig:
     wandb_project: str = "eopd-ray"  # W&B project; runs are offline (WANDB_MODE=offline) unless the user sets it
     run_name: str = ""  # the trackers' run name; "" = the name of out_dir
 
+    def names(self) -> list[str]:
+        """The trackers `trackers` names, in its order."""
+        return [t.strip() for t in self.trackers.split(",") if t.strip()]
+
     def validate(self, prefix: str = "logging") -> None:
-        names = [t.strip() for t in self.trackers.split(",") if t.strip()]
+        names = self.names()
         for name in names:
             if name not in TRACKERS:
                 _fail(f"{prefix}.trackers", self.trackers, "a comma-separated list of " + ", ".join(TRACKERS),

@@ -116,12 +116,10 @@ def alignment_report(rollout: pa.Table, teacher: pa.Table, student_end_id: int |
             ids, lp = topk_ids[i][-1], topk_lp[i][-1]
             hit = np.flatnonzero(ids == teacher_end_id)
             other.append(float(lp[hit[0]] if hit.size else lp.min()))
-    prompt_diff = -1
-    if "teacher_prompt_ids" in rollout.column_names:
-        for p, t in zip(list_rows(rollout.column("prompt_ids")), list_rows(rollout.column("teacher_prompt_ids"))):
-            if len(t):
-                prompt_diff = first_difference(p, t)
-                break
+    # the first row carrying a teacher's prompt (every row of a run does when its context differs)
+    prompt_diff = next((first_difference(p, t) for p, t in zip(list_rows(rollout.column("prompt_ids")),
+                                                               list_rows(rollout.column("teacher_prompt_ids")))
+                        if len(t)), -1)
     nan = float("nan")
     return {"align/rows": float(len(responses)),
             "align/teacher_logprob_mean": float(scored.mean()) if scored.size else nan,

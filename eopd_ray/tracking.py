@@ -40,31 +40,24 @@ from eopd_ray.config import RunConfig
 from eopd_ray.run_io import json_safe
 
 TENSORBOARD_DIR = "tensorboard"
-# tracker -> (its package, the modules it needs, the extra of pyproject.toml that installs it); torch's
-# SummaryWriter is importable only with the tensorboard package installed
-PACKAGES = {"tensorboard": ("tensorboard", ("tensorboard", "torch.utils.tensorboard"), "tensorboard"),
-            "wandb": ("wandb", ("wandb",), "wandb")}
+# tracker -> the modules it needs; each tracker's package and its pyproject.toml extra carry its name.
+# torch's SummaryWriter is importable only with the tensorboard package installed
+MODULES = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "wandb": ("wandb",)}
 
 
 class TrackerError(RuntimeError):
     """A configured tracker cannot be used (package missing, or W&B could not start a run)."""
 
 
-def tracker_names(cfg: RunConfig) -> list[str]:
-    """The trackers `logging.trackers` names, in its order (validated by the config)."""
-    return [t.strip() for t in cfg.logging.trackers.split(",") if t.strip()]
-
-
 def check_trackers(cfg: RunConfig) -> None:
     """Import each configured tracker's package; raises TrackerError naming the extra to install."""
-    for name in tracker_names(cfg):
-        package, modules, extra = PACKAGES[name]
+    for name in cfg.logging.names():
         try:
-            for module in modules:
+            for module in MODULES[name]:
                 importlib.import_module(module)
         except ImportError as exc:
-            raise TrackerError(f"logging.trackers={cfg.logging.trackers!r} needs the {package} package, which "
-                               f"cannot be imported ({exc}); install it with pip install -e \".[{extra}]\" "
+            raise TrackerError(f"logging.trackers={cfg.logging.trackers!r} needs the {name} package, which "
+                               f"cannot be imported ({exc}); install it with pip install -e \".[{name}]\" "
                                f"(or \".[trackers]\" for both), or remove {name} from logging.trackers") from None
 
 
@@ -88,7 +81,7 @@ class Trackers:
     rows: the rows metrics.jsonl holds when the run (re)starts (resumed: those up to the checkpoint)."""
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path, rows: list[dict] = ()):
-        names = tracker_names(cfg)
+        names = cfg.logging.names()
         check_trackers(cfg)
         self.out_dir = Path(out_dir)
         self.project = cfg.logging.wandb_project

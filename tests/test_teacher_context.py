@@ -9,7 +9,6 @@ instruct teacher ends with `<|im_end|>` where a Base student ends with `<|endoft
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -84,7 +83,7 @@ def test_swap_ids_exchanges_two_ids_and_is_its_own_inverse():
     assert swap_ids(ids, None) is ids
 
 
-def test_end_swap_resolution_and_bad_values(ctx, tmp_path):
+def test_end_swap_resolution_and_bad_values(ctx):
     tok, chat_tok = ctx["tok"], load_tokenizer(ctx["chat"])
     assert resolve_end_swap("", tok, chat_tok) is None
     assert resolve_end_swap("auto", tok, chat_tok) == (ctx["eos"], ctx["unk"])
@@ -244,4 +243,3 @@ def test_run_warns_of_a_mismatched_end_token_and_the_remap_fixes_it(trained_mode
     assert "warning: alignment" not in proc.stderr
     assert fixed["align/final_logprob"] > row["align/final_logprob"] + 2
     assert fixed["align/final_logprob"] > fixed["align/other_end_logprob"]
-    shutil.rmtree(tmp_path / "chat")
