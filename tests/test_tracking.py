@@ -6,10 +6,11 @@ and the real job with both trackers (e2e)."""
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import math
+import os
 import struct
+import subprocess
 import sys
 import time
 import zlib
@@ -246,16 +247,20 @@ def test_missing_package_names_the_extra(tmp_path, monkeypatch, tracker, blocked
         Trackers(cfg, tmp_path)
 
 
-def test_recipe_exits_2_naming_the_extra_before_building_models(tmp_path, monkeypatch, capsys):
-    """The check runs first in `prepare`: the (absent) models are never looked at, no Ray starts."""
-    spec = importlib.util.spec_from_file_location("train_eopd_recipe", ROOT / "examples" / "train_eopd.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    monkeypatch.setitem(sys.modules, "wandb", None)
-    code = recipe.main(["--out", str(tmp_path / "run"), "logging.trackers=tensorboard,wandb",
-                        f"model.teacher={tmp_path / 'no-such-model'}", f"model.student={tmp_path / 'no-such-model'}"])
-    err = capsys.readouterr().err
-    assert code == 2 and 'error: ' in err and 'pip install -e ".[wandb]"' in err, err
+def test_recipe_exits_2_naming_the_extra_before_building_models(tmp_path):
+    """The check runs first in `prepare`: the (absent) models are never looked at, no Ray starts. The job runs
+    as users run it; a `wandb` package that fails to import, first on PYTHONPATH, stands for one not installed."""
+    hidden = tmp_path / "hidden" / "wandb"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text('raise ImportError("No module named \'wandb\'")\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hidden.parent), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_eopd.py"), "--out", str(tmp_path / "run"),
+                           "logging.trackers=tensorboard,wandb", f"model.teacher={tmp_path / 'no-such-model'}",
+                           f"model.student={tmp_path / 'no-such-model'}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 2 and "error: " in proc.stderr and 'pip install -e ".[wandb]"' in proc.stderr, proc.stderr
+    assert "no-such-model" not in proc.stderr and "Started a local Ray" not in proc.stdout + proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
