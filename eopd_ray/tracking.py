@@ -23,6 +23,11 @@ steps s+1, ... again. The trackers follow:
   name, starts with every row metrics.jsonl kept, then goes on. The latest run under `<out_dir>/wandb/`
   therefore always holds exactly the rows of metrics.jsonl; earlier ones are prefixes of it. Charts use
   the row's `step` as x axis (`define_metric`), not W&B's internal `_step`.
+
+How a run ends. `close(exit_code)` records the job's exit status in every tracker, so a failed or interrupted
+run never reads as a success: W&B finishes the run with that code (non-zero: state "failed"), TensorBoard
+gets it as the scalar `run/exit_code` and a `status` text at the last step. An exception passing through the
+caller's `finally` counts as failed even when no code was given (Ctrl-C: 130, see `exit_status`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import importlib
 import json
 import numbers
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +46,7 @@ from eopd_ray.config import RunConfig
 from eopd_ray.run_io import json_safe
 
 TENSORBOARD_DIR = "tensorboard"
+EXIT_CODE_TAG = "run/exit_code"  # TensorBoard scalar of the exit status (no metric starts with run/)
 # tracker -> the modules it needs; each tracker's package and its pyproject.toml extra carry its name.
 # torch's SummaryWriter is importable only with the tensorboard package installed
 MODULES = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "wandb": ("wandb",)}
@@ -92,7 +99,11 @@ class Trackers:
         if "tensorboard" in names:
             self._open_tensorboard(purge_step=self.last_step + 1)
         if "wandb" in names:
-            self._open_wandb(rows)
+            try:
+                self._open_wandb(rows)
+            except TrackerError:
+                self.close(exit_code=2)  # the job stops at setup (exit 2): TensorBoard, if open, says so
+                raise
 
     # ---- opening ---------------------------------------------------------------------------------------
     def _open_tensorboard(self, purge_step: int) -> None:
@@ -162,11 +173,32 @@ class Trackers:
         if self.wandb_run is not None and flat:
             self.wandb_run.summary.update(flat)
 
-    def close(self) -> None:
-        """Flush and close every tracker (safe to call twice)."""
+    def close(self, exit_code: int = 0) -> None:
+        """Flush and close every tracker, recording how the job ends (safe to call twice).
+
+        exit_code: the job's exit status. Called from a `finally` that an exception is passing through, a 0
+        becomes that exception's status (`exit_status`), so a crash or Ctrl-C never shows as a success. W&B
+        marks a run with a non-zero code as failed (`finish(exit_code=...)`); TensorBoard gets the code as the
+        scalar `run/exit_code` and a `status` text at the last step."""
+        if exit_code == 0:
+            exit_code = exit_status(sys.exc_info()[1])
         if self.tb is not None:
+            status = "finished" if exit_code == 0 else "failed"
+            self.tb.add_scalar(EXIT_CODE_TAG, exit_code, self.last_step)
+            self.tb.add_text("status", f"{status} (exit code {exit_code})", self.last_step)
             self.tb.close()
             self.tb = None
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
+
+
+def exit_status(exc: BaseException | None) -> int:
+    """The exit status a Python process ends with when `exc` escapes it: 0 for none, SystemExit's code,
+    130 for KeyboardInterrupt (128 + SIGINT, what a shell reports for Ctrl-C), 1 for any other exception."""
+    if exc is None:
+        return 0
+    if isinstance(exc, SystemExit):
+        code = exc.code
+        return int(code) if isinstance(code, int) else (0 if code is None else 1)  # sys.exit("msg") exits 1
+    return 130 if isinstance(exc, KeyboardInterrupt) else 1

@@ -63,21 +63,22 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     init_ray(cfg.ray_address)
-    session = Session.build(run.cfg, run.models, run.ckpt)  # run.cfg: with what the models resolved
+    code, session = 0, None  # code: the exit status the trackers record (an escaping exception: failed too)
     try:
+        session = Session.build(run.cfg, run.models, run.ckpt)  # run.cfg: with what the models resolved
         # ---- loop: generate -> score -> train -> sync -> log -> checkpoint -----------------------------
         try:
             finished = train(run, session, log, stop_after=args.stop_after)
         except SyncCheckError as exc:
             print(f"error: {exc}; the rollout engines do not hold the student's weights (set "
                   "placement.check_sync=false to skip this check)", file=sys.stderr)
-            return 4
+            return (code := 4)
         except NonFiniteLossError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 3
+            return (code := 3)
         except TooManyRestarts as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return (code := 1)
         # ---- evaluate teacher, initial and trained student; write results ------------------------------
         results = evaluate_models(session, run.eval_recs) if finished and cfg.eval.enabled else {}
         report = eval_report(results, cfg.eval.high_entropy_threshold) if results else []
@@ -92,8 +93,9 @@ def main(argv=None) -> int:
         log.trackers.log_eval(results)
     finally:
         # ---- clean up -----------------------------------------------------------------------------------
-        log.trackers.close()
-        session.shutdown()
+        log.trackers.close(code)  # a failed or interrupted run shows as failed, with its exit status
+        if session is not None:  # None: Session.build failed
+            session.shutdown()
         ray.shutdown()
     return 0
 

@@ -1,7 +1,7 @@
 """TensorBoard and W&B trackers (eopd_ray/tracking.py), read back from their own files and compared with
 metrics.jsonl: every metric of every step, after a NaN, a fault replay, a resume and a fresh start over an
-old run directory; the config and the evaluation; the error naming the extra when a package is missing;
-and the real job with both trackers (e2e)."""
+old run directory; the config and the evaluation; the exit status of a finished, failed or interrupted job;
+the error naming the extra when a package is missing; and the real job with both trackers (e2e)."""
 
 from __future__ import annotations
 
@@ -21,22 +21,31 @@ import pytest
 
 from eopd_ray.run_io import MetricsLog, json_safe
 from eopd_ray.run_setup import SETUP_ERRORS, resolve_config
-from eopd_ray.tracking import Trackers, TrackerError, check_trackers, flat_eval
+from eopd_ray.tracking import EXIT_CODE_TAG, Trackers, TrackerError, check_trackers, exit_status, flat_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 NAN = float("nan")
 
 
 # ---- reading the trackers back from disk ---------------------------------------------------------------
-def read_tensorboard(out: Path) -> tuple[dict[str, list[tuple[int, float]]], str]:
-    """({tag: [(step, value), ...]} of every scalar TensorBoard's reader keeps, the latest config text)."""
+def read_tensorboard(out: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, str]]]]:
+    """({tag: [(step, value), ...]} of every scalar TensorBoard's reader keeps, {tag: [(step, text), ...]} of
+    every text: `config`, `status`)."""
     from tensorboard.backend.event_processing import event_accumulator as ea
 
     acc = ea.EventAccumulator(str(out / "tensorboard"), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
     acc.Reload()  # purge_orphaned_data=True, as in the TensorBoard app
     scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-    texts = acc.Tensors("config/text_summary")
-    return scalars, texts[-1].tensor_proto.string_val[0].decode()
+    texts = {tag.removesuffix("/text_summary"): [(e.step, e.tensor_proto.string_val[0].decode())
+                                                 for e in acc.Tensors(tag)]
+             for tag in acc.Tags()["tensors"] if tag.endswith("/text_summary")}
+    return scalars, texts
+
+
+def tensorboard_exit(out: Path) -> tuple[list[tuple[int, float]], list[tuple[int, str]]]:
+    """The exit status TensorBoard holds: the `run/exit_code` scalar's points and the `status` texts."""
+    scalars, texts = read_tensorboard(out)
+    return scalars.get(EXIT_CODE_TAG, []), texts.get("status", [])
 
 
 def wandb_records(path: Path) -> list:
@@ -75,11 +84,14 @@ def finished_records(path: Path, timeout: float = 60.0) -> list:
 
 
 def read_wandb_run(run_dir: Path) -> dict:
-    """history (user keys only), config, summary (last value of each key), tags, start time of a run dir."""
+    """history (user keys only), config, summary (last value of each key), tags, start time and exit code
+    (non-zero: the W&B app shows the run as failed) of a run dir."""
     (log,) = glob.glob(str(run_dir / "run-*.wandb"))
     run = {"history": [], "config": {}, "summary": {}, "tags": (), "start": 0.0}
+    records = finished_records(Path(log))
+    run["exit_code"] = records[-1].exit.exit_code
     key = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731
-    for rec in finished_records(Path(log)):
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             run["config"].update({key(i): json.loads(i.value_json) for i in rec.run.config.update})
@@ -112,12 +124,12 @@ def finite_or_none(value):
 
 def assert_tensorboard_matches(out: Path, rows: list[dict]) -> dict:
     """Every (metric, step) of metrics.jsonl once in TensorBoard, equal after float32 rounding (null: a
-    non-finite value), and nothing else besides eval/*. Returns the scalars."""
+    non-finite value), and nothing else besides eval/* and the exit code. Returns the scalars."""
     scalars, _ = read_tensorboard(out)
     expected = {(k, r["step"]): v for r in rows for k, v in r.items() if k != "step"}
-    seen = {(tag, step): value for tag, points in scalars.items() if not tag.startswith("eval/")
-            for step, value in points}
-    assert sum(len(p) for t, p in scalars.items() if not t.startswith("eval/")) == len(seen), "a step twice"
+    metrics = {tag: points for tag, points in scalars.items() if not tag.startswith("eval/") and tag != EXIT_CODE_TAG}
+    seen = {(tag, step): value for tag, points in metrics.items() for step, value in points}
+    assert sum(len(p) for p in metrics.values()) == len(seen), "a step twice"
     assert seen.keys() == expected.keys()
     for (tag, step), value in expected.items():
         got = seen[(tag, step)]
@@ -182,14 +194,16 @@ def test_fault_replay_nan_config_and_eval_reach_both_trackers(tmp_path, offline)
         assert len(scalars[key]) == 1 and scalars[key][0][0] == 5
         got = scalars[key][0][1]
         assert (math.isnan(got) and math.isnan(value)) or got == np.float32(value), key
-    _, text = read_tensorboard(tmp_path)
-    assert json.loads(text.strip("`\n")) == json_safe(cfg.to_dict(), inf_as_string=True)
+    _, texts = read_tensorboard(tmp_path)
+    assert json.loads(texts["config"][-1][1].strip("`\n")) == json_safe(cfg.to_dict(), inf_as_string=True)
+    assert tensorboard_exit(tmp_path) == ([(5, 0.0)], [(5, "finished (exit code 0)")])  # one close wrote it
 
     superseded, latest = wandb_runs(tmp_path)
     assert latest["dir"].name.startswith("offline-run-") and superseded["dir"].name.startswith("offline-run-")
     assert_wandb_matches(latest, rows)
     assert [h["step"] for h in superseded["history"]] == [1, 2, 3, 4] and "superseded" in superseded["tags"]
     assert "superseded" not in latest["tags"]
+    assert (superseded["exit_code"], latest["exit_code"]) == (1, 0)  # ended by the fault; the job succeeded
     config = json_safe(cfg.to_dict(), inf_as_string=True)
     assert latest["config"] == config == superseded["config"] and latest["config"]["loss"]["tau"] == "inf"
     for key, value in flat.items():
@@ -267,7 +281,57 @@ def test_recipe_exits_2_naming_the_extra_before_building_models(tmp_path):
 def test_wandb_that_cannot_start_is_a_setup_error(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "no-such-mode")  # rejected by wandb.init, before any network
     with pytest.raises(TrackerError, match="WANDB_MODE=no-such-mode"):
-        Trackers(tracker_cfg(tmp_path, trackers="wandb"), tmp_path)
+        Trackers(tracker_cfg(tmp_path), tmp_path)
+    # TensorBoard, opened first, is closed with the job's setup-error status (exit 2), not left open
+    assert tensorboard_exit(tmp_path) == ([(0, 2.0)], [(0, "failed (exit code 2)")])
+
+
+def _job(log: MetricsLog, ending: str) -> None:
+    """Two steps, then the job ends as `ending` says, closing the trackers as the recipe's `finally` does."""
+    code = 0
+    try:
+        for step in (1, 2):
+            log.append(row(step, 0.0))
+        if ending == "raises":
+            raise RuntimeError("a step failed")
+        if ending == "interrupted":
+            raise KeyboardInterrupt
+        if ending == "exits 3":
+            code = 3  # e.g. NonFiniteLossError: the recipe prints it and returns 3
+    finally:
+        log.trackers.close(code)
+
+
+@pytest.mark.parametrize("ending, code", [("succeeds", 0), ("raises", 1), ("interrupted", 130), ("exits 3", 3)])
+def test_failed_or_interrupted_job_shows_as_failed_with_its_exit_code(tmp_path, offline, ending, code):
+    log = open_log(tracker_cfg(tmp_path), tmp_path)
+    if code in (1, 130):
+        with pytest.raises((RuntimeError, KeyboardInterrupt)):
+            _job(log, ending)
+    else:
+        _job(log, ending)
+    (run,) = wandb_runs(tmp_path)
+    assert run["exit_code"] == code  # the W&B app shows the run as failed when it is not 0
+    assert_wandb_matches(run, jsonl(tmp_path))
+    status = "finished" if code == 0 else "failed"
+    assert tensorboard_exit(tmp_path) == ([(2, float(code))], [(2, f"{status} (exit code {code})")])
+    assert_tensorboard_matches(tmp_path, jsonl(tmp_path))
+
+
+def test_exit_status_is_the_one_python_exits_with(tmp_path):
+    codes = {}
+    for name, body in [("ok", "pass"), ("raises", "raise RuntimeError"), ("interrupted", "raise KeyboardInterrupt"),
+                       ("exit5", "raise SystemExit(5)"), ("exit_msg", "raise SystemExit('bye')"),
+                       ("exit_none", "raise SystemExit")]:
+        proc = subprocess.run([sys.executable, "-c", body], capture_output=True, timeout=60)
+        codes[name] = proc.returncode
+        try:
+            exec(body)
+            exc = None
+        except BaseException as e:  # noqa: BLE001 (every ending is the point)
+            exc = e
+        assert exit_status(exc) == (130 if proc.returncode == -2 else proc.returncode), name
+    assert codes["raises"] == 1 and codes["exit5"] == 5 and codes["ok"] == codes["exit_none"] == 0
 
 
 # ---- e2e: the real job ---------------------------------------------------------------------------------
@@ -286,3 +350,26 @@ def test_job_logs_every_step_to_both_trackers(tmp_path, tiny_models, offline):
     assert_wandb_matches(run, rows)
     assert run["config"] == json.loads((out / "config.json").read_text())
     assert run["config"]["logging"]["trackers"] == "tensorboard,wandb"
+    assert run["exit_code"] == 0 and tensorboard_exit(out) == ([(2, 0.0)], [(2, "finished (exit code 0)")])
+
+
+@pytest.mark.e2e
+def test_failed_job_shows_as_failed_with_its_exit_code(tmp_path, tiny_models, offline, monkeypatch):
+    """The teacher dies in step 2 with no restart allowed: the job exits 1 (TooManyRestarts), and both trackers
+    say so, holding step 1 as metrics.jsonl does."""
+    from test_e2e_ray import run_job
+
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps([{"role": "teacher", "call": 2}]))
+    monkeypatch.setenv("EOPD_FAULT_INJECT", str(faults))
+    out = tmp_path / "run"
+    proc = run_job(out, tiny_models, "trainer.max_steps=3", "trainer.max_restarts=0", "eval.enabled=false",
+                   "logging.trackers=tensorboard,wandb", check=False, timeout=300)
+    assert proc.returncode == 1 and "1 actor failures (trainer.max_restarts=0)" in proc.stderr, proc.stderr[-3000:]
+    rows = jsonl(out)
+    assert [r["step"] for r in rows] == [1]
+    (run,) = wandb_runs(out)
+    assert run["exit_code"] == 1
+    assert_wandb_matches(run, rows)
+    assert tensorboard_exit(out) == ([(1, 1.0)], [(1, "failed (exit code 1)")])
+    assert_tensorboard_matches(out, rows)

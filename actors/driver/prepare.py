@@ -28,7 +28,8 @@ def prepare(cfg: RunConfig, resume: str | None = None) -> RunSetup:
 def open_run(run: RunSetup) -> MetricsLog:
     """Print the resolved config and the placement plan, save the config with the run, and open its metrics
     log (truncated to the step resumed from) with the configured trackers as `log.trackers` (they receive
-    every row; close them with `log.trackers.close()`). Raises TrackerError if W&B cannot start a run."""
+    every row; close them with `log.trackers.close(exit_code)`, which records the job's exit status). Raises
+    TrackerError if W&B cannot start a run."""
     print("resolved config:\n" + json.dumps(run.cfg.to_dict(), indent=2))
     print(format_plan(run.cfg))
     save_config(run.cfg, run.out_dir)
