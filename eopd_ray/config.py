@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from eopd_ray.config_checks import check_range as _check_range, coerce as _coerce, fail as _fail
+from eopd_ray.config_checks import check_placement, check_range as _check_range, coerce as _coerce, fail as _fail
 from eopd_ray.errors import ConfigError
 from eopd_ray.objectives import Objective, get_objective, objective_names
+from eopd_ray.pruning import PRUNE_METHODS
 
 FKL_NORMALIZERS = ("all_tokens", "gated_tokens")
 # `cpu`: no GPU is requested (today's CPU pipeline); `colocated`: every role shares every GPU (vLLM sleeps
@@ -75,19 +76,32 @@ class LossConfig:
 class ModelConfig:
     """Which teacher and student to load. `tiny` means the project's own offline-built tiny models."""
 
-    teacher: str = "tiny"  # HF hub name or local directory of the frozen teacher, or `tiny`
-    student: str = "tiny"  # HF hub name or local directory of the student to train, or `tiny`
+    # each: `tiny`, a local HF directory, a hub name, a .gguf file or gguf:PACKAGE (eopd_ray/model_sources.py)
+    teacher: str = "tiny"  # the frozen teacher
+    student: str = "tiny"  # the student to train; `pruned`: made from the teacher by dropping layers (prune_*)
     dtype: str = "float32"  # compute dtype of student training and rollouts: float32 | bfloat16
     teacher_dtype: str = "float32"  # dtype the teacher runs in (statistics are float32 regardless)
     trust_remote_code: bool = False  # never run model code from a hub repo unless asked
     tiny_cache_dir: str = ""  # where the tiny models are built and cached; empty = ~/.cache/eopd_ray
     tiny_variant: str = "default"  # which embedded pair `tiny` means (eopd_ray.tiny_models.VARIANTS)
+    prune_method: str = "block_influence"  # student=pruned: block_influence (ShortGPT) | contiguous (one block)
+    prune_layers: float = 0.33  # student=pruned: layers dropped, a count (>= 1) or a fraction of the teacher's
+    prune_calibration_prompts: int = 32  # student=pruned: training prompts the layer scores are computed on
 
     def validate(self, prefix: str = "model") -> None:
         for name in ("teacher", "student"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
-                _fail(f"{prefix}.{name}", value, "`tiny`, a local model directory or a hub name")
+                _fail(f"{prefix}.{name}", value, "`tiny`, a local model directory, a hub name, a .gguf file or "
+                      "gguf:PACKAGE" + (", or `pruned`" if name == "student" else ""))
+        if self.teacher == "pruned":
+            _fail(f"{prefix}.teacher", self.teacher, "a model source (`pruned` names a student made from it)")
+        if self.prune_method not in PRUNE_METHODS:
+            _fail(f"{prefix}.prune_method", self.prune_method, "one of " + ", ".join(PRUNE_METHODS))
+        _check_range(f"{prefix}.prune_layers", self.prune_layers, lo=0, lo_open=True)
+        if self.prune_layers > 1 and self.prune_layers != int(self.prune_layers):
+            _fail(f"{prefix}.prune_layers", self.prune_layers, "a whole count of layers >= 1, or a fraction < 1")
+        _check_range(f"{prefix}.prune_calibration_prompts", self.prune_calibration_prompts, lo=1, integer=True)
         for name in ("dtype", "teacher_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 _fail(f"{prefix}.{name}", getattr(self, name), "float32 or bfloat16")
@@ -115,12 +129,20 @@ class DataConfig:
     num_train_problems: int = 4096  # synthetic task only: training problems generated
     num_eval_problems: int = 64  # held-out problems used by the final evaluation
     max_prompt_tokens: int = 64  # longer prompts are an error naming the row
+    train_skip_rows: int = 0  # the first N rows of train_path are not trained on (held out when eval_path is
+    # the same file: its first num_eval_problems rows are the held-out ones)
     seed: int = 1234  # data order and synthetic problems
 
     def validate(self, prefix: str = "data") -> None:
         _check_range(f"{prefix}.num_train_problems", self.num_train_problems, lo=1, integer=True)
         _check_range(f"{prefix}.num_eval_problems", self.num_eval_problems, lo=1, integer=True)
         _check_range(f"{prefix}.max_prompt_tokens", self.max_prompt_tokens, lo=1, integer=True)
+        _check_range(f"{prefix}.train_skip_rows", self.train_skip_rows, lo=0, integer=True)
+        if self.train_path and self.train_path == self.eval_path and self.train_skip_rows < self.num_eval_problems:
+            _fail(f"{prefix}.train_skip_rows", self.train_skip_rows,
+                  f"at least data.num_eval_problems={self.num_eval_problems} when data.train_path and "
+                  "data.eval_path name the same file (else the held-out problems are trained on)",
+                  f"set {prefix}.train_skip_rows={self.num_eval_problems}")
         _check_range(f"{prefix}.seed", self.seed, lo=0, integer=True)
         for name in ("prompt_key", "answer_key"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
@@ -276,9 +298,14 @@ class EvalConfig:
     temperature: float = 1.0  # sampling temperature of the evaluation
     top_p: float = 1.0  # nucleus sampling of the evaluation (paper: 0.8 on the real benchmarks)
     high_entropy_threshold: float = 1.0  # a generated token counts as high-entropy at or above this
+    # exact full-vocabulary fidelity to the teacher on the evaluation's samples (reverse KL on the model's,
+    # forward KL on the teacher's), the teacher's NLL of them, and their diversity (eopd_ray/fidelity.py)
+    fidelity: bool = True
+    show_samples: int = 2  # decoded responses printed per model (all of them go to samples.jsonl)
 
     def validate(self, prefix: str = "eval") -> None:
-        for name in ("enabled", "teacher"):
+        _check_range(f"{prefix}.show_samples", self.show_samples, lo=0, integer=True)
+        for name in ("enabled", "teacher", "fidelity"):
             if not isinstance(getattr(self, name), bool):
                 _fail(f"{prefix}.{name}", getattr(self, name), "true or false")
         _check_range(f"{prefix}.k", self.k, lo=1, integer=True)
@@ -387,37 +414,8 @@ class RunConfig:
             _fail("rollout.n_samples_per_prompt", self.rollout.n_samples_per_prompt,
                   f"at least 2 with loss.objective={self.loss.objective} (its advantages need a group of responses)",
                   f"set rollout.n_samples_per_prompt={group} as in the paper")
-        self._validate_placement()
+        check_placement(self)
         return self
-
-    def _validate_placement(self) -> None:
-        """Cross-section checks of the GPU layout (the plan itself is computed in eopd_ray/placement.py)."""
-        mode = self.placement.mode
-        if self.rollout.engine == "vllm" and mode == "cpu" and self.rollout.tensor_parallel_size > 1:
-            # vLLM's CPU backend runs one engine per rollout worker; tensor parallelism (and sleep mode,
-            # NCCL and CUDA IPC, which placement.mode=cpu never selects) need CUDA.
-            _fail("rollout.tensor_parallel_size", self.rollout.tensor_parallel_size,
-                  "1 with rollout.engine=vllm and placement.mode=cpu (tensor parallelism needs GPUs)",
-                  "set rollout.tensor_parallel_size=1, or placement.mode=disaggregated on GPUs")
-        if self.rollout.tensor_parallel_size > 1 and self.rollout.engine != "vllm":
-            _fail("rollout.tensor_parallel_size", self.rollout.tensor_parallel_size,
-                  "1 with rollout.engine=transformers", "set rollout.engine=vllm for tensor parallelism")
-        sync = self.placement.weight_sync
-        if sync == "broadcast" and self.rollout.engine == "transformers" and mode != "cpu":
-            _fail("placement.weight_sync", sync, "auto or object_store with rollout.engine=transformers on GPUs "
-                  "(its broadcast receiver runs on CPU)", "set placement.weight_sync=auto")
-        if sync == "broadcast" and self.rollout.engine == "vllm" and mode == "colocated":
-            _fail("placement.weight_sync", sync, "auto with placement.mode=colocated (CUDA IPC)",
-                  "set placement.weight_sync=auto, or placement.mode=disaggregated for the NCCL broadcast")
-        if self.rollout.overlap and mode == "colocated":
-            # colocated engines sleep while the student trains on the same GPU: nothing to overlap with
-            _fail("rollout.overlap", True, "false with placement.mode=colocated (the engines and the student "
-                  "take turns on each GPU)", "set placement.mode=disaggregated to overlap, or rollout.overlap=false")
-        if mode == "cpu":
-            return
-        from eopd_ray.placement import plan_placement  # its PlacementError is a ConfigError
-
-        plan_placement(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

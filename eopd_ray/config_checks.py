@@ -64,3 +64,33 @@ def coerce(path: str, raw: Any, annotation: str) -> Any:
             fail(path, raw, "a string")
         return "" if raw is None else str(raw)
     return raw
+
+
+def check_placement(cfg) -> None:
+    """Cross-section checks of a RunConfig's GPU layout (the plan itself is computed in eopd_ray/placement.py)."""
+    mode = cfg.placement.mode
+    if cfg.rollout.engine == "vllm" and mode == "cpu" and cfg.rollout.tensor_parallel_size > 1:
+        # vLLM's CPU backend runs one engine per rollout worker; tensor parallelism (and sleep mode,
+        # NCCL and CUDA IPC, which placement.mode=cpu never selects) need CUDA.
+        fail("rollout.tensor_parallel_size", cfg.rollout.tensor_parallel_size,
+             "1 with rollout.engine=vllm and placement.mode=cpu (tensor parallelism needs GPUs)",
+             "set rollout.tensor_parallel_size=1, or placement.mode=disaggregated on GPUs")
+    if cfg.rollout.tensor_parallel_size > 1 and cfg.rollout.engine != "vllm":
+        fail("rollout.tensor_parallel_size", cfg.rollout.tensor_parallel_size,
+             "1 with rollout.engine=transformers", "set rollout.engine=vllm for tensor parallelism")
+    sync = cfg.placement.weight_sync
+    if sync == "broadcast" and cfg.rollout.engine == "transformers" and mode != "cpu":
+        fail("placement.weight_sync", sync, "auto or object_store with rollout.engine=transformers on GPUs "
+             "(its broadcast receiver runs on CPU)", "set placement.weight_sync=auto")
+    if sync == "broadcast" and cfg.rollout.engine == "vllm" and mode == "colocated":
+        fail("placement.weight_sync", sync, "auto with placement.mode=colocated (CUDA IPC)",
+             "set placement.weight_sync=auto, or placement.mode=disaggregated for the NCCL broadcast")
+    if cfg.rollout.overlap and mode == "colocated":
+        # colocated engines sleep while the student trains on the same GPU: nothing to overlap with
+        fail("rollout.overlap", True, "false with placement.mode=colocated (the engines and the student "
+             "take turns on each GPU)", "set placement.mode=disaggregated to overlap, or rollout.overlap=false")
+    if mode == "cpu":
+        return
+    from eopd_ray.placement import plan_placement  # its PlacementError is a ConfigError
+
+    plan_placement(cfg)

@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from eopd_ray import checkpoint
+from eopd_ray.checkpoint import write_json_atomic
 from eopd_ray.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
 from eopd_ray.data import DataError, PromptRecord, PromptSampler, load_rows, synthetic_rows, tokenize_rows
+from eopd_ray.model_sources import ModelSourceError, resolve_source
 from eopd_ray.models import architecture_mismatch, load_tokenizer, output_rows
+from eopd_ray.pruning import ensure_pruned_student, format_report
 from eopd_ray.objectives import resolve_logits_chunk
 from eopd_ray.run_io import OutputDirError, check_out_dir
 from eopd_ray.teacher_context import first_difference, resolve_end_swap, teacher_prompt_ids
@@ -68,18 +71,41 @@ def resolve_config(config: str | None, overrides: list[str], out: str | None = N
     return cfg.validate()
 
 
-def resolve_models(cfg: RunConfig):
-    """(ResolvedModels, the student's tokenizer); `tiny` is built (once) and cached."""
-    teacher, student = cfg.model.teacher, cfg.model.student
-    if "tiny" in (teacher, student):
-        from eopd_ray.tiny_models import VARIANTS, ensure_tiny_models
+def _source(spec: str, role: str, tiny: dict, cfg: RunConfig) -> str:
+    """A local directory or hub name for model.<role> (`tiny` built once, a GGUF converted once)."""
+    if spec == "tiny":
+        if not tiny:
+            from eopd_ray.tiny_models import VARIANTS, ensure_tiny_models
 
-        tiny_teacher, tiny_student = ensure_tiny_models(cache_dir=cfg.model.tiny_cache_dir or None,
-                                                        cfg=VARIANTS[cfg.model.tiny_variant])
-        teacher = tiny_teacher if teacher == "tiny" else teacher
-        student = tiny_student if student == "tiny" else student
+            tiny["teacher"], tiny["student"] = ensure_tiny_models(cache_dir=cfg.model.tiny_cache_dir or None,
+                                                                  cfg=VARIANTS[cfg.model.tiny_variant])
+        return str(tiny[role])
+    return resolve_source(spec)
+
+
+def _tokenizer(path: str, role: str, trc: bool):
+    """The tokenizer at `path`, or a setup error naming the model field when it cannot be loaded."""
+    try:
+        return load_tokenizer(path, trc)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"model.{role}={path!r}: cannot load its tokenizer ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local HF directory with "
+                               "tokenizer files, a .gguf file, gguf:PACKAGE, or a hub name already in the local "
+                               "hub cache (nothing is downloaded at run time here)") from None
+
+
+def resolve_models(cfg: RunConfig, out_dir: Path | None = None):
+    """(ResolvedModels, the student's tokenizer). `tiny` is built (once) and cached, a GGUF converted (once),
+    and `pruned` made from the teacher (layer scores on the training prompts, written to out_dir/prune.json)."""
+    tiny: dict = {}
     trc = cfg.model.trust_remote_code
-    t_tok, s_tok = load_tokenizer(teacher, trc), load_tokenizer(student, trc)
+    teacher = _source(cfg.model.teacher, "teacher", tiny, cfg)
+    t_tok = _tokenizer(teacher, "teacher", trc)
+    if cfg.model.student == "pruned":
+        student = prune_student(cfg, teacher, t_tok, out_dir)
+    else:
+        student = _source(cfg.model.student, "student", tiny, cfg)
+    s_tok = _tokenizer(student, "student", trc)
     vocab = shared_vocab_size(t_tok, s_tok, output_rows(teacher, trc), output_rows(student, trc))
     swap = resolve_end_swap(cfg.teacher.eos_remap, s_tok, t_tok)
     ends = swap or (s_tok.eos_token_id, t_tok.eos_token_id)
@@ -88,12 +114,31 @@ def resolve_models(cfg: RunConfig):
                                                         for i in ends)), s_tok
 
 
+def prune_student(cfg: RunConfig, teacher: str, tokenizer, out_dir: Path | None) -> str:
+    """The student `model.student=pruned` names: the teacher less the layers `model.prune_*` choose, scored on
+    the first training prompts."""
+    m = cfg.model
+    calib = load_data(cfg, tokenizer)[0].records[:m.prune_calibration_prompts]
+    path, report = ensure_pruned_student(teacher, m.prune_method, m.prune_layers, [r.prompt_ids for r in calib],
+                                         trust_remote_code=m.trust_remote_code)
+    print(format_report(report))
+    if out_dir is not None:
+        write_json_atomic(out_dir / "prune.json", report)
+    return path
+
+
 def load_data(cfg: RunConfig, tokenizer, teacher_tokenizer=None) -> tuple[PromptSampler, list[PromptRecord]]:
     """(sampler over the training prompts, held-out records), tokenised and length-checked; the training
     records carry the teacher's own prompt where teacher.prompt_template / system_prompt ask for one."""
     d = cfg.data
     train = load_rows(d.train_path, d.prompt_key, d.answer_key) if d.train_path else \
         synthetic_rows(d.num_train_problems, d.seed, "train")
+    if d.train_skip_rows:
+        # the rows keep their file position as id, so held-out and training ids never coincide
+        train = [{**r, "id": i if r.get("id") is None else r["id"]} for i, r in enumerate(train)][d.train_skip_rows:]
+        if not train:
+            raise DataError(f"{d.train_path}: data.train_skip_rows={d.train_skip_rows} skips every row; lower it "
+                            "or add rows")
     held = load_rows(d.eval_path, d.eval_prompt_key or d.prompt_key, d.eval_answer_key or d.answer_key) \
         if d.eval_path else synthetic_rows(d.num_eval_problems, d.seed, "test")
     train_recs = tokenize_rows(train, tokenizer, d.max_prompt_tokens, d.train_path or "synthetic train split",
@@ -142,7 +187,7 @@ def prepare_run(cfg: RunConfig, resume: str | None = None) -> RunSetup:
         ckpt = checkpoint.latest(Path(cfg.out_dir) / "checkpoints")
         print(f"auto_resume: {'found ' + str(ckpt) if ckpt else 'no checkpoint in ' + cfg.out_dir + ', starting fresh'}")
     out_dir = check_out_dir(cfg.out_dir)
-    models, tokenizer = resolve_models(cfg)
+    models, tokenizer = resolve_models(cfg, out_dir)
     # the config printed and saved with the run names the chunk the loss will run (auto resolved)
     chunk = resolve_logits_chunk(cfg.trainer.logits_chunk, models.vocab_size)
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, logits_chunk=chunk))

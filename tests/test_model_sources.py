@@ -378,10 +378,6 @@ def test_resolve_source_passes_good_directories_and_hub_names(tmp_path, converte
         resolve_source(str(weights))
 
 
-@pytest.mark.xfail(strict=True, reason="model_sources.supported_gguf_architectures lists GGUF_CONFIG_MAPPING's "
-                   "keys: it includes the non-architectures 'general'/'tokenizer', misses the file spellings the "
-                   "legacy loader renames (qwen2moe, qwen3moe, gpt-oss, minimax-m2) and the archs of "
-                   "transformers' newer GGUF path (qwen35, qwen35moe)")
 def test_supported_architectures_are_file_architectures():
     supported = set(supported_gguf_architectures())
     assert "llama" in supported
