@@ -50,10 +50,12 @@ def ref_fkl(student_row: list[float], ids: list[int], tlp: list[float], renormal
 
 
 def ref_eopd(logits, tokens, old, teacher: TokenStats, mask, cfg: LossConfig, gate=None) -> torch.Tensor:
-    """Differentiable float64 per-position loop over one (B, T, V) batch; `gate` overrides the gate."""
+    """Differentiable float64 per-position loop over one (B, T, V) batch; `gate` overrides the gate. The forward
+    KL is divided by the response tokens, or by the gated ones under fkl_normalizer=gated_tokens."""
     B, T, _ = logits.shape
     n = int(mask.sum())
     total = torch.zeros((), dtype=torch.float64)
+    fkl, n_gated = torch.zeros((), dtype=torch.float64), 0
     for b in range(B):
         for t in range(T):
             if not bool(mask[b, t]):
@@ -76,16 +78,17 @@ def ref_eopd(logits, tokens, old, teacher: TokenStats, mask, cfg: LossConfig, ga
             else:
                 on = {"eopd": float(teacher.entropy[b, t]) > cfg.tau, "full_fkl": True}.get(cfg.objective, False)
             if on:
+                n_gated += 1
                 ids = teacher.topk_ids[b, t].tolist()
                 tlp = teacher.topk_logprobs[b, t].double().tolist()
                 p = [math.exp(x) for x in tlp]
                 if cfg.renormalize:
                     p = [x / sum(p) for x in p]
                 for pj, i in zip(p, ids):
-                    total = total + cfg.fkl_coef * pj * (math.log(pj) - logq[i])
+                    fkl = fkl + cfg.fkl_coef * pj * (math.log(pj) - logq[i])
             if cfg.objective == "entropy_bonus":
                 total = total - cfg.entropy_coef * ent
-    return total / n
+    return total / n + fkl / max(n_gated if cfg.fkl_normalizer == "gated_tokens" else n, 1)
 
 
 def teacher_from_logits(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> TokenStats:

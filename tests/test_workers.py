@@ -277,10 +277,12 @@ def _max_diff(a: dict, b: dict) -> float:
 BUDGET = 96  # padded prompt+response tokens: a few rows of this data per piece
 
 
-def test_micro_batches_give_the_update_of_the_whole_share(setup, trainer, monkeypatch):
+@pytest.mark.parametrize("normalizer", ["all_tokens", "gated_tokens"])
+def test_micro_batches_give_the_update_of_the_whole_share(setup, trainer, monkeypatch, normalizer):
     """Two mini-batches of 8 rows, each cut into several pieces: the accumulated gradients, the weights after
-    each single optimizer step and the metrics equal those of one forward per mini-batch. The same check
-    with the per-piece token count in place of the mini-batch's global one fails."""
+    each single optimizer step and the metrics equal those of one forward per mini-batch, for either
+    forward-KL normaliser. The same check with the per-piece count (tokens, or gated tokens) in place of the
+    mini-batch's global one fails."""
     from actors.student import trainer as student
     from actors.student.trainer import split_rows
 
@@ -292,11 +294,15 @@ def test_micro_batches_give_the_update_of_the_whole_share(setup, trainer, monkey
 
     # lr 1e-4: Adam divides by |g|, so a float32 rounding difference in a near-zero gradient moves a weight
     # by up to ~lr x (relative rounding); at 1e-3 that reaches a few 1e-6 after two steps.
-    whole = _new_trainer(setup, lr=1e-4)
+    # tau at the median teacher entropy: about half the positions gated, a different share in every piece
+    tau = float(np.median(np.concatenate(list_rows(scored.column("teacher_entropy")))))
+    norm = (f"loss.fkl_normalizer={normalizer}", f"loss.tau={tau!r}")
+    whole = _new_trainer(setup, *norm, lr=1e-4)
     whole_grads = _grads_at_step(whole)
     m_whole = whole.train_step(0, 1, table, scored)
+    assert 0 < m_whole["gate/fraction"] < 1  # some positions gated, not all: the two counts differ
 
-    cut = _new_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", lr=1e-4)
+    cut = _new_trainer(setup, *norm, f"trainer.micro_batch_tokens={BUDGET}", lr=1e-4)
     calls = []
     real_loss = student.eopd_loss
     monkeypatch.setattr(student, "eopd_loss", lambda *a, **kw: calls.append(a[0].shape[0]) or real_loss(*a, **kw))
@@ -316,9 +322,13 @@ def test_micro_batches_give_the_update_of_the_whole_share(setup, trainer, monkey
         if key != "time/train":
             assert m_cut[key] == pytest.approx(m_whole[key], rel=1e-5, abs=1e-7), key
 
-    # Sensitivity: each piece normalised by its own token count gives a different update.
-    monkeypatch.setattr(student, "eopd_loss", lambda *a, num_tokens=None, **kw: real_loss(*a, **kw))
-    local = _new_trainer(setup, f"trainer.micro_batch_tokens={BUDGET}", lr=1e-4)
+    # Sensitivity: each piece normalised by its own count (of tokens, or of gated tokens for the forward KL)
+    # gives a different update.
+    if normalizer == "all_tokens":
+        monkeypatch.setattr(student, "eopd_loss", lambda *a, num_tokens=None, **kw: real_loss(*a, **kw))
+    else:
+        monkeypatch.setattr(student, "eopd_loss", lambda *a, num_gated=None, **kw: real_loss(*a, **kw))
+    local = _new_trainer(setup, *norm, f"trainer.micro_batch_tokens={BUDGET}", lr=1e-4)
     local.train_step(0, 1, table, scored)
     assert _max_diff(_weights(whole), _weights(local)) > 1e-5
 

@@ -11,6 +11,10 @@ token count and is back-propagated on its own, and the mini-batch still takes ON
 update equals the unsplit one up to float summation order. Every rank runs the same number of pieces
 (DeepSpeed's ZeRO 2/3 reduce and gather inside forward and backward, collectively).
 
+The same holds for `loss.fkl_normalizer=gated_tokens`: every piece is gated before any forward
+(`objective_gate`, from the teacher's statistics), the gated counts are summed over pieces and ranks, and
+every piece divides its forward KL by that global count, with the gate it was counted with.
+
 Devices: on CUDA with NCCL each rank uses `cuda:0` (Ray makes one GPU visible per actor) and every batch
 tensor, the finiteness flag and the metric all-reduce live there; weights leave the rank as CPU copies.
 """
@@ -32,7 +36,7 @@ from eopd_ray.batch import SequenceBatch, list_rows, padded_float, padded_topk, 
 from eopd_ray.config import LossConfig, TrainerConfig
 from eopd_ray.models import load_causal_lm, load_tokenizer, output_head, set_threads
 from eopd_ray.objectives import (Objective, eopd_loss, eopd_loss_from_hidden, get_objective,
-                                 group_normalized_advantages, resolve_logits_chunk)
+                                 group_normalized_advantages, objective_gate, resolve_logits_chunk)
 from eopd_ray.seeds import gate_seed
 from eopd_ray.stats import TokenStats
 
@@ -198,17 +202,24 @@ class StudentTrainer:
 
         Without trainer.logits_chunk the student's logits are a full [rows, L, V] tensor per forward (log-softmaxed
         in float32 by `eopd_loss`), bounded only by `trainer.micro_batch_tokens` (rows x length of a piece); with
-        it, by chunk x V (`_loss`). Every piece divides by the mini-batch's global token count `num_tokens`, so the summed piece
-        gradients are the gradient of the unsplit loss. `random_fkl` draws its gate per piece from the same
-        generator: the same distribution as unsplit, not the same draw.
+        it, by chunk x V (`_loss`). Every piece divides by the mini-batch's global token count `num_tokens` (and
+        its forward KL, under gated_tokens, by the global gated count), so the summed piece gradients are the
+        gradient of the unsplit loss. `random_fkl` draws its gate per piece from the same generator: the same
+        distribution as unsplit, not the same draw.
         """
         pieces = self._pieces(rollout)
         masked = float(sum(len(r) for r in list_rows(rollout.column("response_ids"))))
+        parts = [self._tensors(rollout.slice(a, b - a), teacher.slice(a, b - a),
+                               None if seq_adv is None else seq_adv[a:b]) for a, b in pieces]
+        # Every piece's gate before any forward: their count over all pieces and ranks is the normaliser of
+        # gated_tokens. Every rank joins this all-reduce, whatever the normaliser, before its first piece.
+        gates = [objective_gate(self.loss_cfg, batch.response_mask_BT, teacher_stats, old_logprobs_BT, num_tokens,
+                                gen, adv, self.objective) for batch, teacher_stats, old_logprobs_BT, adv in parts]
+        num_gated = self._all_reduce({"gated": float(sum(g.sum() for g in gates))})["gated"]  # one device sync
         sums: dict[str, float] = {}
-        for i, (a, b) in enumerate(pieces):
-            batch, teacher_stats, old_logprobs_BT, adv = self._tensors(
-                rollout.slice(a, b - a), teacher.slice(a, b - a), None if seq_adv is None else seq_adv[a:b])
-            loss, metrics = self._loss(batch, old_logprobs_BT, teacher_stats, num_tokens, gen, adv)
+        for i, ((a, b), (batch, teacher_stats, old_logprobs_BT, adv)) in enumerate(zip(pieces, parts)):
+            loss, metrics = self._loss(batch, old_logprobs_BT, teacher_stats, num_tokens, gen, adv, gates[i],
+                                       num_gated)
             if not self._all_finite(loss):  # decided by every rank together, piece by piece
                 ids = rollout.column("sample_id").slice(a, b - a).to_pylist()
                 if self.trainer.on_nonfinite == "stop":
@@ -246,12 +257,14 @@ class StudentTrainer:
         return sums
 
     def _loss(self, batch: SequenceBatch, old_logprobs_BT, teacher_stats: TokenStats, num_tokens: int,
-              gen: torch.Generator, adv) -> tuple[torch.Tensor, dict]:
-        """The objective on one piece. Chunked (trainer.logits_chunk > 0, or -1 with a large vocabulary): from the
-        decoder's hidden states at the response positions, through the model's own output head that many
-        positions at a time (recomputed in backward); else from the full (rows, L, V) logits of the model's
-        forward, gathered at the response positions."""
-        common = dict(num_tokens=num_tokens, generator=gen, sequence_advantages=adv, objective=self.objective)
+              gen: torch.Generator, adv, gate_BT: torch.Tensor, num_gated: float) -> tuple[torch.Tensor, dict]:
+        """The objective on one piece, with its gate (B, T) and the mini-batch's global token and gated counts.
+        Chunked (trainer.logits_chunk > 0, or -1 with a large vocabulary): from the decoder's hidden states at
+        the response positions, through the model's own output head that many positions at a time (recomputed
+        in backward); else from the full (rows, L, V) logits of the model's forward, gathered at the response
+        positions."""
+        common = dict(num_tokens=num_tokens, generator=gen, sequence_advantages=adv, objective=self.objective,
+                      gate=gate_BT, num_gated=num_gated)
         index_BT1 = batch.logit_index_BT[..., None]
         chunk = resolve_logits_chunk(self.trainer.logits_chunk, self.vocab_size)
         if chunk:

@@ -10,6 +10,7 @@ responses, several GB per micro-batch in float32)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -42,8 +43,8 @@ def _as_count(n, like: torch.Tensor) -> torch.Tensor:
 def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: torch.Tensor, teacher: TokenStats,
               mask: torch.Tensor, cfg: Any, num_tokens: int | float | torch.Tensor | None = None,
               generator: torch.Generator | None = None, num_gated: int | float | torch.Tensor | None = None,
-              sequence_advantages: torch.Tensor | None = None,
-              objective: Objective | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              sequence_advantages: torch.Tensor | None = None, objective: Objective | None = None,
+              gate: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level EOPD loss (eq. 9) or another registered objective (`cfg.objective`, or `objective`),
     summed over the mask and divided by num_tokens.
 
@@ -54,6 +55,9 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
     global count makes a mini-batch split over ranks sum to the unsplit loss and gradients.
     cfg.fkl_normalizer == "gated_tokens" divides the FKL sum by num_gated (default: gated tokens in this
     call, which is split-invariant only if the caller passes the global gated count).
+    gate (B, T) bool: where the forward KL applies, as `objective_gate` gives it (default: computed here the
+    same way). A caller that splits a mini-batch computes every piece's gate first, sums their counts over
+    pieces and ranks into num_gated, and passes each piece its gate.
     generator: drives random gates (`random_fkl`); if None a generator seeded with cfg.random_seed is used,
     which draws the same gate for the same shape on every call, so training loops should pass a persistent one.
     sequence_advantages (B,): for objectives that need rewards (`grpo`: see `group_normalized_advantages`).
@@ -68,7 +72,7 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
     t_ids_BTK = torch.where(mask_BT.unsqueeze(-1), teacher.topk_ids.long(), 0)
     logprobs_BT, logq_topk_BTK, student_ent_BT = _picked(logq_BTV, tokens_BT, t_ids_BTK, obj.trains_entropy)
     return _assemble(obj, cfg, logprobs_BT, logq_topk_BTK, student_ent_BT, old_logprobs, teacher, mask_BT,
-                     num_tokens, generator, num_gated, sequence_advantages)
+                     num_tokens, generator, num_gated, sequence_advantages, gate)
 
 
 def eopd_loss_from_hidden(hidden_BTH: torch.Tensor, head, tokens: torch.Tensor, old_logprobs: torch.Tensor,
@@ -76,8 +80,8 @@ def eopd_loss_from_hidden(hidden_BTH: torch.Tensor, head, tokens: torch.Tensor, 
                           vocab_size: int | None = None, num_tokens: int | float | torch.Tensor | None = None,
                           generator: torch.Generator | None = None,
                           num_gated: int | float | torch.Tensor | None = None,
-                          sequence_advantages: torch.Tensor | None = None,
-                          objective: Objective | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                          sequence_advantages: torch.Tensor | None = None, objective: Objective | None = None,
+                          gate: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """`eopd_loss` of `head(hidden)[..., :vocab_size]` without the (B, T, V) logits: only the response positions
     go through the output head, `chunk_size` of them at a time, and each chunk's logits are recomputed in the
     backward pass (activation checkpointing), so at most one chunk's (chunk_size, V) logits exist at once.
@@ -114,7 +118,7 @@ def eopd_loss_from_hidden(hidden_BTH: torch.Tensor, head, tokens: torch.Tensor, 
         mask_BT.unsqueeze(-1), topk_NK)
     student_ent_BT = zeros.masked_scatter(mask_BT, ent_N)
     return _assemble(obj, cfg, logprobs_BT, logq_topk_BTK, student_ent_BT, old_logprobs, teacher, mask_BT,
-                     num_tokens, generator, num_gated, sequence_advantages)
+                     num_tokens, generator, num_gated, sequence_advantages, gate)
 
 
 def _objective(cfg: Any, objective: Objective | None, sequence_advantages) -> Objective:
@@ -144,30 +148,75 @@ def _picked(logq_V: torch.Tensor, tokens: torch.Tensor, topk_ids_K: torch.Tensor
     return picked_K1[..., 0], picked_K1[..., 1:], entropy
 
 
+def objective_gate(cfg: Any, mask: torch.Tensor, teacher: TokenStats, old_logprobs: torch.Tensor,
+                   num_tokens: int | float | torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   sequence_advantages: torch.Tensor | None = None, objective: Objective | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, T) bool: where the objective (`cfg.objective`, or `objective`) applies the forward KL, False outside
+    the mask. Its `gate` sees only what is known before the student's forward (mask, teacher, pi_old, rewards,
+    generator; the student's fields are None), so a trainer can gate every piece of a mini-batch first and
+    divide each piece's forward KL by the whole mini-batch's gated count (`loss.fkl_normalizer=gated_tokens`).
+
+    mask (B, T); teacher: TokenStats of (B, T) / (B, T, k); old_logprobs (B, T); sequence_advantages (B,);
+    num_tokens and generator as in `eopd_loss`: a random gate draws from the generator what `eopd_loss` would
+    have drawn, and `eopd_loss` given the gate draws nothing. dtype: the loss's compute dtype, in which the
+    teacher's entropy is compared with tau."""
+    obj = _objective(cfg, objective, sequence_advantages)
+    mask_BT = mask.bool()
+    zero = torch.zeros((), dtype=dtype, device=mask_BT.device)
+    old_BT, t_lp_BT, t_ent_BT = (_sanitised(x, mask_BT, zero) for x in (old_logprobs, teacher.logprobs,
+                                                                         teacher.entropy))
+    return _gate(obj, cfg, _inputs(cfg, mask_BT, None, old_BT, t_lp_BT, t_ent_BT, None, num_tokens, generator,
+                                   sequence_advantages, zero))
+
+
+def _sanitised(x: torch.Tensor, mask_BT: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x detached, in zero's dtype, zero outside the mask: a NaN there would otherwise reach the backward pass."""
+    m = mask_BT if x.dim() == mask_BT.dim() else mask_BT.unsqueeze(-1)
+    return torch.where(m, x.detach().to(zero.dtype), zero)
+
+
+def _inputs(cfg: Any, mask_BT, logprobs_BT, old_BT, t_lp_BT, t_ent_BT, student_ent_BT, num_tokens, generator,
+            sequence_advantages, zero) -> LossInputs:
+    if generator is None:
+        generator = torch.Generator().manual_seed(cfg.random_seed)
+    n_tok = _as_count(mask_BT.sum() if num_tokens is None else num_tokens, zero)
+    return LossInputs(mask_BT, logprobs_BT, old_BT, t_lp_BT, t_ent_BT, student_ent_BT,
+                      t_lp_BT - old_BT,  # eq. 6 with pi_old; built from detached tensors only
+                      None if sequence_advantages is None else sequence_advantages.detach().to(zero.dtype),
+                      generator, n_tok, zero)
+
+
+def _gate(obj: Objective, cfg: Any, inputs: LossInputs) -> torch.Tensor:
+    """The objective's gate on inputs without the student's fields: the same gate whether the trainer
+    computes it before the forward (`objective_gate`) or the loss does."""
+    with torch.no_grad():
+        return inputs.mask_BT & obj.gate(replace(inputs, logprobs_BT=None, student_entropy_BT=None), cfg)
+
+
 def _assemble(obj: Objective, cfg: Any, logprobs_BT: torch.Tensor, logq_topk_BTK: torch.Tensor,
               student_ent_BT: torch.Tensor, old_logprobs: torch.Tensor, teacher: TokenStats, mask_BT: torch.Tensor,
-              num_tokens, generator, num_gated, sequence_advantages) -> tuple[torch.Tensor, dict[str, float]]:
+              num_tokens, generator, num_gated, sequence_advantages,
+              gate: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
     """Everything after the student's log-probs: the sanitised inputs, the objective's terms, the loss, the
     metrics. Shared by both front ends, so each formula exists once."""
     dt = logprobs_BT.dtype
     zero = torch.zeros((), dtype=dt, device=logprobs_BT.device)
-    # Sanitise everything outside the mask: a NaN there would otherwise reach the backward pass.
-    old_BT = torch.where(mask_BT, old_logprobs.detach().to(dt), zero)
-    t_lp_BT = torch.where(mask_BT, teacher.logprobs.detach().to(dt), zero)
-    t_ent_BT = torch.where(mask_BT, teacher.entropy.detach().to(dt), zero)
-    t_topk_BTK = torch.where(mask_BT.unsqueeze(-1), teacher.topk_logprobs.detach().to(dt), zero)
-    if generator is None:
-        generator = torch.Generator().manual_seed(cfg.random_seed)
-    n_tok = _as_count(mask_BT.sum() if num_tokens is None else num_tokens, logprobs_BT)
-    inputs = LossInputs(mask_BT, logprobs_BT, old_BT, t_lp_BT, t_ent_BT, student_ent_BT,
-                        t_lp_BT - old_BT,  # eq. 6 with pi_old; built from detached tensors only
-                        None if sequence_advantages is None else sequence_advantages.detach().to(dt),
-                        generator, n_tok, zero)
+    old_BT, t_lp_BT, t_ent_BT, t_topk_BTK = (_sanitised(x, mask_BT, zero) for x in (
+        old_logprobs, teacher.logprobs, teacher.entropy, teacher.topk_logprobs))
+    inputs = _inputs(cfg, mask_BT, logprobs_BT, old_BT, t_lp_BT, t_ent_BT, student_ent_BT, num_tokens, generator,
+                     sequence_advantages, zero)
+    n_tok = inputs.num_tokens
+    # The gate first, as a trainer that gates every piece before its forward draws it (random gates).
+    if gate is None:
+        gate_BT = _gate(obj, cfg, inputs)
+    elif tuple(gate.shape) != tuple(mask_BT.shape):
+        raise ValueError(f"gate {tuple(gate.shape)} must have the mask's shape {tuple(mask_BT.shape)}")
+    else:
+        gate_BT = mask_BT & gate.to(mask_BT.device).bool()
 
     advantages_BT = obj.advantages(inputs, cfg)
     pg_BT = clipped_surrogate(logprobs_BT, old_BT, advantages_BT, cfg.clip_eps)
-    with torch.no_grad():
-        gate_BT = mask_BT & obj.gate(inputs, cfg)
     # Computed for every objective: the high-entropy FKL metric compares OPD runs with EOPD (Fig. 5).
     fkl_BT = fkl_at_topk(logq_topk_BTK if obj.trains_fkl else logq_topk_BTK.detach(), t_topk_BTK, cfg.renormalize)
 

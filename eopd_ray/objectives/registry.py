@@ -4,7 +4,9 @@ The core sanitises every tensor outside the response mask, reads the sampled tok
 with one gather, builds the per-token terms (the clipped surrogate, the top-k forward KL) and the metrics.
 An objective says only what differs, as pure functions of the sanitised inputs and the loss config:
 - `advantages`: the per-token advantage of the clipped surrogate (default: eq. 6, teacher minus pi_old);
-- `gate`: where the forward KL applies (default: nowhere);
+- `gate`: where the forward KL applies (default: nowhere), from what is known before the student's forward
+  (its inputs' student fields are None), so that a trainer can count a split mini-batch's gated tokens
+  before any piece runs (`loss.fkl_normalizer=gated_tokens`, `core.objective_gate`);
 - `policy_term`: the policy part of the loss (default: the clipped surrogate's token mean);
 - `extra_term`: anything else added to the loss (default: nothing);
 - `fkl_coef`: the weight of the gated forward KL (default: `loss.fkl_coef`),
@@ -33,16 +35,17 @@ class LossInputs:
 
     mask_BT bool; logprobs_BT: the student's log-probs of the sampled tokens (with gradient); old_BT: the
     behaviour log-probs (pi_old); teacher_logprobs_BT, teacher_entropy_BT: the teacher's; student_entropy_BT
-    (with gradient only if the objective `trains_entropy`); teacher_advantages_BT: teacher minus pi_old (eq. 6);
+    (with gradient only if the objective `trains_entropy`); logprobs_BT and student_entropy_BT are None in
+    what `gate` sees; teacher_advantages_BT: teacher minus pi_old (eq. 6);
     sequence_advantages_B: per-response advantages (objectives that `needs_rewards`), else None; generator:
     drives random gates; num_tokens: the loss's normaliser (the mini-batch's response tokens, >= 1)."""
 
     mask_BT: torch.Tensor
-    logprobs_BT: torch.Tensor
+    logprobs_BT: torch.Tensor | None
     old_BT: torch.Tensor
     teacher_logprobs_BT: torch.Tensor
     teacher_entropy_BT: torch.Tensor
-    student_entropy_BT: torch.Tensor
+    student_entropy_BT: torch.Tensor | None
     teacher_advantages_BT: torch.Tensor
     sequence_advantages_B: torch.Tensor | None
     generator: torch.Generator | None
