@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from eopd_ray.benchmarks import (BENCHMARKS, PROMPT_SUFFIX, BenchmarkFormatError
                                  load_benchmark)
 
 DATA_ROOT = default_data_root()
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "eopd-arxiv-2603.07079.txt"
 APPENDIX_C = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -63,7 +65,16 @@ def _file(name: str) -> Path:
 
 def test_every_benchmark_has_an_expectation():
     assert set(EXPECTED) == set(BENCHMARKS)
-    assert PROMPT_SUFFIX == APPENDIX_C.lstrip("\n")
+
+
+def test_prompt_suffix_is_the_papers_appendix_c_template():
+    """PROMPT_SUFFIX against the sentence the paper quotes (not a copy of it typed here)."""
+    if not PAPER.is_file():
+        pytest.skip(f"paper text {PAPER} not found")
+    text = PAPER.read_text(encoding="utf-8")
+    appendix = text[text.index("Appendix C Evaluation Details"):]
+    quoted = re.search(r"the same prompt template was appended at the end: \u2018\u2018(.+?)\u2019\u2019", appendix)
+    assert quoted and PROMPT_SUFFIX == quoted.group(1) and APPENDIX_C == "\n" + quoted.group(1)
 
 
 @needs_data

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from eopd_ray.benchmarks import PROMPT_SUFFIX
 from eopd_ray.config import ConfigError, LossConfig, RunConfig, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_loss_config_rejects_bad_objective_directly():
 
 # What each preset's header comment says it is, field by field (dotted name -> value), and the GPUs its
 # placement comment counts. A preset added without an entry here fails test_every_preset_is_what_its_comment_says.
-APPENDIX_C = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+APPENDIX_C = "\n" + PROMPT_SUFFIX  # checked against the paper in test_benchmarks.py
 PAPER = {  # Table 8, for every paper preset: EOPD k = 16, tau = 0.8, B = 128, B_mini = 32, lr 3e-6 cosine to 0
     "loss.objective": "eopd", "loss.tau": 0.8, "loss.top_k": 16, "trainer.batch_size": 128,
     "trainer.mini_batch_size": 32, "trainer.lr": 3e-6, "trainer.min_lr_ratio": 0.0, "rollout.temperature": 1.0,
