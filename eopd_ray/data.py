@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ def load_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "a
         raise DataError(f"data file {str(path)!r} does not exist; set data.train_path/data.eval_path to a "
                         "JSONL or Parquet file, or leave it empty for the built-in synthetic task")
     rows: list[dict] = []
+    wheres: list[str] = []  # each row's file:line or file row i, for errors about two rows
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -42,9 +45,11 @@ def load_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "a
             if key.split(".")[0] not in table.column_names:
                 raise DataError(f"{path}: column {key.split('.')[0]!r} is missing (columns: {table.column_names}); "
                                 f"set data.prompt_key / data.answer_key to the right names")
-        columns = sorted({prompt_key.split(".")[0], answer_key.split(".")[0]})
+        # the id column too, where there is one: JSONL rows keep theirs, and both are checked the same way
+        columns = sorted({prompt_key.split(".")[0], answer_key.split(".")[0]} | ({"id"} & set(table.column_names)))
         for i, row in enumerate(table.select(columns).to_pylist()):
-            rows.append(_check_row(row, f"{path} row {i}", prompt_key, answer_key))
+            wheres.append(f"{path} row {i}")
+            rows.append(_check_row(row, wheres[-1], prompt_key, answer_key))
     elif path.suffix in (".jsonl", ".json"):
         with open(path, "rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
@@ -61,11 +66,13 @@ def load_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "a
                     raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+                wheres.append(where)
                 rows.append(_check_row(row, where, prompt_key, answer_key))
     else:
         raise DataError(f"data file {str(path)!r} has an unknown extension {path.suffix!r}; use .jsonl or .parquet")
     if not rows:
         raise DataError(f"data file {str(path)!r} holds no rows")
+    unique_ids([r["id"] for r in rows], wheres)
     return rows
 
 
@@ -98,7 +105,49 @@ def _check_row(row: dict, where: str, prompt_key: str, answer_key: str) -> dict:
         raise DataError(f"{where}: field {prompt_key!r} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise DataError(f"{where}: the prompt is empty")
-    return {"id": row.get("id", None), "prompt": prompt, "answer": str(row[answer_key])}
+    return {"id": row_id(row.get("id"), where), "prompt": prompt, "answer": str(row[answer_key])}
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_ID_FIX = "give every row a unique integer id, or drop the field from every row to number the rows by position"
+
+
+def row_id(value, where: str) -> int | None:
+    """A row's `id` field as an int (None: the row has none and is numbered by its position). Integers, strings
+    of decimal digits and integral floats (as pandas writes an int column with gaps) are ids; anything else
+    is a DataError naming `where`, the value and the fix, rather than a bare ValueError later or an id
+    truncated in silence (3.5 -> 3)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        n = int(value)
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        n = int(value)
+    elif isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        n = int(value)
+    else:
+        raise DataError(f"{where}: field 'id' must be an integer, got {value!r} ({type(value).__name__}); "
+                        f"{_ID_FIX}")
+    if not -2**63 <= n < 2**63:  # sample ids travel as int64 (eopd_ray.batch)
+        raise DataError(f"{where}: field 'id' must be an integer, got {value!r}, out of the int64 range; {_ID_FIX}")
+    return n
+
+
+def unique_ids(ids: list[int | None], wheres: list[str]) -> list[int]:
+    """The rows' ids, a row without one (None) numbered by its position (0-based) in the list. Two rows with
+    one id are a DataError naming both: GRPO groups responses by sample id, so two prompts sharing one would
+    have their rewards normalised as one group, in silence."""
+    first: dict[int, int] = {}
+    out = []
+    for i, (value, where) in enumerate(zip(ids, wheres)):
+        n = i if value is None else value
+        if n in first:
+            how = " (it has no id field: its position)" if value is None else ""
+            raise DataError(f"{where} has id {n}{how}, as {wheres[first[n]]} does; ids must be unique "
+                            f"(GRPO groups responses by id): {_ID_FIX}")
+        first[n] = i
+        out.append(n)
+    return out
 
 
 def synthetic_rows(n: int, seed: int, split: str) -> list[dict]:
@@ -111,9 +160,12 @@ def synthetic_rows(n: int, seed: int, split: str) -> list[dict]:
 
 def tokenize_rows(rows: list[dict], tokenizer, max_prompt_tokens: int, source: str,
                   suffix: str = "") -> list[PromptRecord]:
-    """Format and tokenise every prompt (+ suffix); a prompt over the limit is an error naming its row."""
+    """Format and tokenise every prompt (+ suffix); a prompt over the limit, a bad id or two rows with one id
+    is an error naming the row (a row without an id is numbered by its position)."""
     if not getattr(tokenizer, "chat_template", None):
         log.warning("tokenizer has no chat template: prompts from %s are used as raw text", source)
+    wheres = [f"{source} row {i}" for i in range(len(rows))]
+    row_ids = unique_ids([row_id(row.get("id"), where) for row, where in zip(rows, wheres)], wheres)
     records = []
     for i, row in enumerate(rows):
         text = render_prompt(tokenizer, row["prompt"] + suffix)
@@ -123,8 +175,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_prompt_tokens: int, source: s
         if len(ids) > max_prompt_tokens:
             raise DataError(f"{source} row {i}: prompt has {len(ids)} tokens, over data.max_prompt_tokens="
                             f"{max_prompt_tokens}; raise the limit or drop the row")
-        records.append(PromptRecord(id=int(row["id"]) if row.get("id") is not None else i,
-                                    prompt=row["prompt"], answer=row["answer"],
+        records.append(PromptRecord(id=row_ids[i], prompt=row["prompt"], answer=row["answer"],
                                     prompt_ids=np.asarray(ids, dtype=np.int32)))
     return records
 

@@ -110,3 +110,63 @@ def test_held_out_set_has_its_own_fields_and_suffix(tmp_path):
                                               tok, 64, "ref"))
     assert ids(suffixed) != ids(plain)
     assert ids(sampler2.next_batch()) == ids(sampler.next_batch())  # training prompts are untouched
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("bad", ["abc", 3.5, True, [1], "1_000", float("nan"), 2**63])
+def test_a_bad_row_id_names_the_file_line_value_and_fix(tmp_path, bad):
+    path = _jsonl(tmp_path / "ids.jsonl", [{"id": 0, "prompt": "1+1=", "answer": "2"}, "",
+                                           {"id": bad, "prompt": "2+2=", "answer": "4"}])
+    with pytest.raises(DataError) as err:
+        load_rows(path)
+    msg = str(err.value)
+    assert "ids.jsonl:3: field 'id' must be an integer" in msg and repr(bad) in msg
+    assert "unique integer id" in msg and "drop the field" in msg  # the fix
+
+
+def test_integral_row_ids_are_read_as_ints(tmp_path):
+    path = _jsonl(tmp_path / "ids.jsonl", [{"id": 7, "prompt": "a", "answer": "1"},
+                                           {"id": "8", "prompt": "b", "answer": "2"},
+                                           {"id": 9.0, "prompt": "c", "answer": "3"},
+                                           {"id": -2, "prompt": "d", "answer": "4"},
+                                           {"prompt": "e", "answer": "5"}])  # no id: numbered by position, 4
+    rows = load_rows(path)
+    assert [r["id"] for r in rows] == [7, 8, 9, -2, None]
+    assert all(type(r["id"]) is int for r in rows[:4])
+    assert [r.id for r in tokenize_rows(rows, CharTokenizer(), 10, str(path))] == [7, 8, 9, -2, 4]
+
+
+def test_duplicate_row_ids_name_both_rows(tmp_path):
+    path = _jsonl(tmp_path / "dup.jsonl", [{"id": 5, "prompt": "a", "answer": "1"},
+                                           {"id": 6, "prompt": "b", "answer": "2"}, "",
+                                           {"id": 5, "prompt": "c", "answer": "3"}])
+    with pytest.raises(DataError, match=r"dup.jsonl:4 has id 5, as \S*dup.jsonl:1 does; ids must be unique"):
+        load_rows(path)
+    # A row without an id is numbered by its position (here 1), which another row's explicit id takes.
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"id": 1, "prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}])
+    with pytest.raises(DataError, match=r"mixed.jsonl:2 has id 1 \(it has no id field: its position\), "
+                                        r"as \S*mixed.jsonl:1 does"):
+        load_rows(mixed)
+    parquet = tmp_path / "dup.parquet"
+    pq.write_table(pa.table({"id": [3, 4, 3], "prompt": ["a", "b", "c"], "answer": ["1", "2", "3"]}), parquet)
+    with pytest.raises(DataError, match=r"dup.parquet row 2 has id 3, as \S*dup.parquet row 0 does"):
+        load_rows(parquet)
+    pq.write_table(pa.table({"id": ["x", "4"], "prompt": ["a", "b"], "answer": ["1", "2"]}), parquet)
+    with pytest.raises(DataError, match=r"dup.parquet row 0: field 'id' must be an integer, got 'x'"):
+        load_rows(parquet)
+
+
+def test_rows_built_in_code_have_their_ids_checked_too():
+    rows = [{"id": 0, "prompt": "a", "answer": "1"}, {"id": "b", "prompt": "b", "answer": "2"}]
+    with pytest.raises(DataError, match=r"src row 1: field 'id' must be an integer, got 'b'"):
+        tokenize_rows(rows, CharTokenizer(), 10, "src")
+    rows = [{"id": 2, "prompt": "a", "answer": "1"}, {"id": 3, "prompt": "b", "answer": "2"},
+            {"id": 2, "prompt": "c", "answer": "3"}]
+    with pytest.raises(DataError, match=r"src row 2 has id 2, as src row 0 does"):
+        tokenize_rows(rows, CharTokenizer(), 10, "src")
