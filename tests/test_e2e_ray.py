@@ -59,6 +59,8 @@ def test_two_iterations_write_everything(tmp_path, tiny_models):
     for key in ("loss/total", "loss/pg", "loss/fkl", "gate/fraction", "teacher/entropy", "student/entropy",
                 "fkl/gated_mean", "rollout/accuracy", "time/rollout", "time/score", "time/train", "time/sync"):
         assert key in row and np.isfinite(row[key]), key
+    for r in results["train"]["metrics"]:  # two rollout workers: their counts are summed, not averaged
+        assert r["rollout/responses"] == 8 and r["rollout/tokens"] == r["teacher/tokens"] == r["train/tokens"] > 0
     assert results["config"]["loss"]["objective"] == "eopd"
     for name in ("teacher", "student_initial", "student"):
         ev = results["eval"][name]

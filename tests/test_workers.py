@@ -89,6 +89,40 @@ def test_teacher_scores_match_full_vocabulary_reference(setup):
         np.testing.assert_allclose(tlp, ref_top, atol=2e-5)  # the k largest, in descending order
 
 
+def test_reduced_worker_stats_are_those_of_the_whole_batch(setup):
+    """Two rollout workers' shares of unequal size and the teacher's stats of each: reduced by their declared
+    kinds (eopd_ray.worker_stats), they are the statistics of the pooled tables, recomputed here from the rows."""
+    from eopd_ray.worker_stats import reduce_worker_stats
+
+    w, recs, tok = setup["worker"], setup["recs"], setup["tok"]
+    scorer = TeacherScorer(setup["teacher"], top_k=K, vocab_size=len(tok), pad_id=tok.pad_token_id)
+    tables, r_stats, t_stats = [], [], []
+    for part in (recs[:3], recs[3:]):
+        table, stats = w.rollout([r.id for r in part], [r.prompt_ids for r in part], [r.answer for r in part],
+                                 setup["params"])
+        tables.append(table)
+        r_stats.append({**stats, "rollout/responses": len(part)})  # as the driver adds it (actors/driver/phases.py)
+        t_stats.append(scorer.score(table)[1])
+    rollout = reduce_worker_stats(r_stats)
+    teacher = reduce_worker_stats(t_stats)
+    lengths = [len(r) for t in tables for r in list_rows(t.column("response_ids"))]
+    ent = np.concatenate([e for t in tables for e in list_rows(t.column("entropy"))]).astype(np.float64)
+    assert rollout["rollout/tokens"] == sum(lengths) and rollout["rollout/responses"] == len(recs)
+    assert rollout["rollout/response_length"] == pytest.approx(np.mean(lengths), rel=1e-12)
+    correct = [c for t in tables for c in t.column("correct").to_pylist()]
+    assert rollout["rollout/accuracy"] == pytest.approx(np.mean(correct), rel=0, abs=1e-12)
+    assert rollout["rollout/entropy"] == pytest.approx(ent.mean(), rel=1e-6)
+    assert rollout["rollout/high_entropy_fraction"] == pytest.approx((ent >= 1.0).mean(), rel=0, abs=1e-12)
+    assert rollout["time/generate"] == max(s["time/generate"] for s in r_stats)
+    t_ent = np.concatenate([scorer.score(t)[0].column("teacher_entropy").combine_chunks().values.to_numpy()
+                            for t in tables]).astype(np.float64)
+    assert teacher["teacher/tokens"] == sum(lengths) == t_ent.size
+    assert teacher["teacher/entropy_rollout"] == pytest.approx(t_ent.mean(), rel=1e-6)
+    assert teacher["teacher/high_entropy_fraction"] == pytest.approx((t_ent >= 1.0).mean(), rel=0, abs=1e-12)
+    # the plain average of the two shares' means, as the driver took it before, differs
+    assert sum(s["rollout/response_length"] for s in r_stats) / 2 != pytest.approx(np.mean(lengths), rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def trainer(setup):
     cfg = load_config(None, ["trainer.batch_size=16", "trainer.mini_batch_size=16", "trainer.max_steps=3",

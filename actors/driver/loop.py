@@ -65,7 +65,7 @@ def restore_ahead(session: Session, ckpt: Path | None) -> None:
         return
     tables = read_rollout_files(ckpt / AHEAD_DIR)
     session.ahead = PendingRollout(int(state["ahead"]["step"]), [ray.put(t) for t in tables],
-                                   [ray.put(s) for s in state["ahead"]["stats"]])
+                                   [ray.put(s) for s in state["ahead"]["stats"]], [t.num_rows for t in tables])
 
 
 def _report(row: dict, bar: tqdm) -> None:

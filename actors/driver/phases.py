@@ -20,15 +20,18 @@ from eopd_ray.batch import list_rows
 from eopd_ray.seeds import rollout_seed
 from eopd_ray.sharding import shard_slices
 from eopd_ray.teacher_context import alignment_report, alignment_warning
+from eopd_ray.worker_stats import reduce_worker_stats
 
 
 @dataclass
 class PendingRollout:
-    """A step's rollouts in flight (or restored from a checkpoint): table refs and stats refs, one per worker."""
+    """A step's rollouts in flight (or restored from a checkpoint): table refs, stats refs and the number of
+    responses (rows), one per worker."""
 
     step: int
     table_refs: list
     stats_refs: list
+    rows: list[int]
 
 
 def submit_rollouts(session: Session, step: int, prompts: list) -> PendingRollout:
@@ -36,13 +39,13 @@ def submit_rollouts(session: Session, step: int, prompts: list) -> PendingRollou
     cfg = session.cfg
     workers = session.rollouts.actors
     shards = [prompts[s] for s in shard_slices(len(prompts), len(workers))]
+    n = cfg.rollout.n_samples_per_prompt
     roll = [a.rollout.options(num_returns=2).remote(
         [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
         SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                       seed=rollout_seed(cfg.trainer.seed, step, i)), cfg.rollout.n_samples_per_prompt,
-        [r.teacher_prompt_ids for r in s])
+                       seed=rollout_seed(cfg.trainer.seed, step, i)), n, [r.teacher_prompt_ids for r in s])
         for i, (a, s) in enumerate(zip(workers, shards)) if s]
-    return PendingRollout(step, [r[0] for r in roll], [r[1] for r in roll])
+    return PendingRollout(step, [r[0] for r in roll], [r[1] for r in roll], [len(s) * n for s in shards if s])
 
 
 def rollout_phase(session: Session, step: int, prompts: list,
@@ -50,11 +53,13 @@ def rollout_phase(session: Session, step: int, prompts: list,
     """Sample one iteration's responses, split over the live rollout workers (or wait for `pending`, started
     earlier). A worker that dies leaves the group and the phase is redone by the others (or by replacements
     when none is left), with the weights they hold now: no student state has changed yet, so nothing needs
-    replaying from a checkpoint. Returns (rollout table refs, stats)."""
+    replaying from a checkpoint. Returns (rollout table refs, stats of each worker with its response count
+    `rollout/responses`, which its per-response means are weighted by)."""
     while True:
         pending = pending or submit_rollouts(session, step, prompts)
         try:
-            return pending.table_refs, ray.get(pending.stats_refs)
+            stats = ray.get(pending.stats_refs)
+            return pending.table_refs, [{**s, "rollout/responses": n} for s, n in zip(stats, pending.rows)]
         except ACTOR_DIED:
             pending = None
             if not session.recover_rollout_workers(f"at step {step + 1}"):
@@ -156,10 +161,8 @@ def iteration(session: Session, step: int, prompts: list, next_prompts: list | N
     sync_metrics = session.sync.sync() if session.on_policy else {}
     if session.on_policy and cfg.placement.check_sync and not session.sync_checked:
         sync_metrics.update(check_sync(session, rollout_refs[0]))
-    row = {"step": step + 1, **train_metrics, **sync_metrics, **align, "rollout/workers": len(rollout_refs)}
-    for stats in (rollout_stats, teacher_stats):
-        for key in stats[0]:
-            row[key] = sum(s[key] for s in stats) / len(stats)
+    row = {"step": step + 1, **train_metrics, **sync_metrics, **align, "rollout/workers": len(rollout_refs),
+           **reduce_worker_stats(rollout_stats), **reduce_worker_stats(teacher_stats)}  # sums, weighted means, max
     row.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/train_phase": t3 - t2,
                 "time/step": time.perf_counter() - t0})
     return row

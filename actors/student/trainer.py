@@ -215,7 +215,7 @@ class StudentTrainer:
         # gated_tokens. Every rank joins this all-reduce, whatever the normaliser, before its first piece.
         gates = [objective_gate(self.loss_cfg, batch.response_mask_BT, teacher_stats, old_logprobs_BT, num_tokens,
                                 gen, adv, self.objective) for batch, teacher_stats, old_logprobs_BT, adv in parts]
-        num_gated = self._all_reduce({"gated": float(sum(g.sum() for g in gates))})["gated"]  # one device sync
+        num_gated = self._all_reduce({"gated": float(sum(g.sum() for g in gates))})["gated"]  # one sync
         sums: dict[str, float] = {}
         for i, ((a, b), (batch, teacher_stats, old_logprobs_BT, adv)) in enumerate(zip(pieces, parts)):
             loss, metrics = self._loss(batch, old_logprobs_BT, teacher_stats, num_tokens, gen, adv, gates[i],

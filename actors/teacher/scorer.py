@@ -89,6 +89,7 @@ class TeacherScorer:
         ent = np.concatenate(cols["entropy"]) if cols["entropy"] else np.zeros(0)
         stats = {"teacher/entropy_rollout": float(ent.mean()) if ent.size else 0.0,
                  "teacher/high_entropy_fraction": float((ent >= 1.0).mean()) if ent.size else 0.0,
+                 "teacher/tokens": int(ent.size),  # what the two means are over: the driver weighs them by it
                  "time/teacher": seconds}
         return table, stats
 
