@@ -60,54 +60,73 @@ def test_high_entropy_fraction_drops_nan_entropies():
     assert high_entropy_fraction([np.zeros(0, np.float32)], 1.0) == 0.0  # no tokens at all: unchanged
 
 
-class _NaNEngine:
-    """A rollout engine like vLLM's: sampled tokens and log-probs, NaN entropy."""
+def _nan_entropy_engine(model_dir: str, vocab_size: int):
+    """The real transformers engine, its entropies replaced by NaN after sampling, as `VLLMEngine.generate`
+    returns them (vLLM gives no full-vocabulary entropy): the cheap engine standing in for vLLM's output."""
+    from actors.rollout.engine import Generation
+    from actors.rollout.hf_engine import TransformersEngine
 
-    def __init__(self, nan_entropy: bool = True):
-        self.nan_entropy = nan_entropy
+    class NaNEntropyEngine(TransformersEngine):
+        def generate(self, prompt_ids, params):
+            gen = super().generate(prompt_ids, params)
+            return Generation(gen.response_ids, gen.logprobs, [np.full(len(e), np.nan, np.float32) for e in gen.entropy])
 
-    def generate(self, prompt_ids, params):
-        from actors.rollout.engine import Generation
-
-        responses = [np.array([5, 6, 7][: 1 + i % 3], dtype=np.int64) for i in range(len(prompt_ids))]
-        ent = [np.full(len(r), np.nan, np.float32) if self.nan_entropy
-               else np.linspace(0.5, 1.5, len(r)).astype(np.float32) for r in responses]
-        return Generation(responses, [np.full(len(r), -0.5, np.float32) for r in responses], ent)
-
-    def load_model(self, path):
-        pass
+    return NaNEntropyEngine(model_dir, vocab_size=vocab_size)
 
 
-def _worker(engine):
-    from actors.rollout.worker import RolloutWorker
-
-    class _Tok:
-        def batch_decode(self, rows, skip_special_tokens=True):
-            return ["#1" for _ in rows]
-
-    w = RolloutWorker.__new__(RolloutWorker)
-    w.engine, w.tokenizer, w.vocab_size = engine, _Tok(), 8  # ids 5-7 are real tokens
-    return w
-
-
-def test_rollout_stats_and_evaluate_tolerate_nan_entropy():
+@pytest.fixture(scope="module")
+def rollout_setup(tiny_models):
+    """A real rollout worker on the tiny student and real task prompts (graded by the real tokenizer's text)."""
     from actors.rollout.engine import SamplingParams
+    from actors.rollout.worker import RolloutWorker
+    from eopd_ray.data import synthetic_rows, tokenize_rows
+    from eopd_ray.models import load_tokenizer
 
-    params = SamplingParams(1.0, 1.0, 4, seed=0)
-    prompts = [np.array([1, 2], dtype=np.int64)] * 4
-    table, stats = _worker(_NaNEngine()).rollout([0, 1, 2, 3], prompts, ["1"] * 4, params)
-    assert np.isnan(stats["rollout/entropy"]) and np.isnan(stats["rollout/high_entropy_fraction"])
-    assert stats["rollout/tokens"] > 0 and stats["rollout/accuracy"] == 1.0
-    ev = _worker(_NaNEngine()).evaluate(prompts[:2], ["1", "1"], 3, params)
-    assert ev["num_tokens"] == 0 and ev["num_generated_tokens"] > 0 and sum(ev["entropy_hist"]) == 0
-    assert np.isnan(ev["high_entropy_fraction"])
-    # finite entropies: unchanged behaviour
-    _, fin = _worker(_NaNEngine(nan_entropy=False)).rollout([0, 1, 2, 3], prompts, ["1"] * 4, params)
-    ents = [np.linspace(0.5, 1.5, n).astype(np.float32) for n in (1, 2, 3, 1)]
-    assert fin["rollout/entropy"] == pytest.approx(float(np.concatenate(ents).mean()))
+    student = tiny_models[1]
+    tok = load_tokenizer(student)
+    recs = tokenize_rows(synthetic_rows(4, 5, "train"), tok, 64, "synthetic")
+    worker = RolloutWorker(student, vocab_size=len(tok), num_threads=1)
+    return dict(worker=worker, tok=tok, recs=recs, student=student,
+                params=SamplingParams(1.0, 1.0, 16, seed=3))
+
+
+def _rollout(worker, setup):
+    recs = setup["recs"]
+    return worker.rollout([r.id for r in recs], [r.prompt_ids for r in recs], [r.answer for r in recs],
+                          setup["params"])
+
+
+def test_rollout_stats_and_evaluate_tolerate_nan_entropy(rollout_setup):
+    from actors.rollout.worker import ENTROPY_BINS, ENTROPY_MAX
+    from eopd_ray.batch import list_rows
+
+    setup, worker, tok, recs = rollout_setup, rollout_setup["worker"], rollout_setup["tok"], rollout_setup["recs"]
+    # finite entropies (the transformers engine): the stats are the table's, the accuracy its texts' grades
+    table, fin = _rollout(worker, setup)
+    responses, ents = list_rows(table.column("response_ids")), list_rows(table.column("entropy"))
+    texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+    assert fin["rollout/tokens"] == sum(len(r) for r in responses) > 0
+    assert fin["rollout/accuracy"] == pytest.approx(np.mean([grade_response(t, r.answer) for t, r in zip(texts, recs)]))
+    assert fin["rollout/entropy"] == pytest.approx(float(np.concatenate(ents).mean()), rel=1e-6)
+    assert np.isfinite(fin["rollout/entropy"]) and fin["rollout/entropy"] > 0
     assert fin["rollout/high_entropy_fraction"] == pytest.approx(high_entropy_fraction(ents, 1.0))
-    ev = _worker(_NaNEngine(nan_entropy=False)).evaluate(prompts[:2], ["1", "1"], 3, params)
+    prompts = [r.prompt_ids for r in recs[:2]]
+    ev = worker.evaluate(prompts, [r.answer for r in recs[:2]], 3, setup["params"])
     assert ev["num_tokens"] == ev["num_generated_tokens"] == sum(ev["entropy_hist"]) > 0
+    assert ev["correct"].shape == (2, 3) and len(ev["entropy_hist"]) == ENTROPY_BINS
+    assert ev["entropy_edges"][-1] == ENTROPY_MAX
+
+    # NaN entropies (vLLM): the same samples (same seed), so the same tokens and grades; entropy stats NaN
+    worker.engine = _nan_entropy_engine(setup["student"], len(tok))
+    nan_table, stats = _rollout(worker, setup)
+    assert nan_table.column("response_ids").to_pylist() == table.column("response_ids").to_pylist()
+    assert np.isnan(stats["rollout/entropy"]) and np.isnan(stats["rollout/high_entropy_fraction"])
+    assert stats["rollout/tokens"] == fin["rollout/tokens"] and stats["rollout/accuracy"] == fin["rollout/accuracy"]
+    nan_ev = worker.evaluate(prompts, [r.answer for r in recs[:2]], 3, setup["params"])
+    assert nan_ev["num_tokens"] == 0 and sum(nan_ev["entropy_hist"]) == 0
+    assert nan_ev["num_generated_tokens"] == ev["num_generated_tokens"]  # tokens were generated, none has an entropy
+    assert np.isnan(nan_ev["high_entropy_fraction"])
+    assert (nan_ev["correct"] == ev["correct"]).all()
 
 
 def test_eval_runner_combines_fractions_nan_safely():
