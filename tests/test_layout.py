@@ -6,6 +6,7 @@ recipe, as run, breaks)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 
@@ -74,3 +75,22 @@ def test_tests_load_no_module_by_path():
     bad = offenders(["tests"], lambda t: sorted(called(t) & LOADERS) + examples_on_sys_path(t))
     assert not bad, ("run an example as a subprocess (python examples/...), or call the library's driver "
                      f"(actors/driver/, eopd_ray/): {bad}")
+
+
+# a repository path in a docstring or comment: actors/..., eopd_ray/..., tests/..., examples/..., cluster/...
+# (not a path inside another tree, such as /workspace/eopd-ray/examples/... in a pod)
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:actors|eopd_ray|tests|examples|cluster)/[\w/.-]*\w\.(?:py|yaml|md|sh))\b")
+
+
+# stale, in a file another change owns: its owner fixes it (-> actors/sync/broadcast.py), then drops it from here
+PENDING = {"actors/rollout/hf_engine.py: actors/nccl_sync.py"}
+
+
+def test_paths_named_in_the_sources_exist():
+    """A file named by its repository path in the code exists (the package split left such names behind)."""
+    files = [p for folder in ("eopd_ray", "actors", "tests", "examples", "cluster")
+             for p in sorted((ROOT / folder).rglob("*")) if p.suffix in (".py", ".yaml", ".md") and p.is_file()
+             and p != Path(__file__).resolve()]  # this file quotes stale names on purpose
+    stale = [f"{path.relative_to(ROOT)}: {name}" for path in files
+             for name in REPO_PATH.findall(path.read_text(encoding="utf-8")) if not (ROOT / name).exists()]
+    assert set(stale) <= PENDING, f"paths that name no file: {sorted(set(stale) - PENDING)}"

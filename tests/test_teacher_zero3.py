@@ -1,4 +1,4 @@
-"""The ZeRO-3 teacher (actors/teacher_zero3.py): two ranks over gloo, parameters partitioned (and offloaded),
+"""The ZeRO-3 teacher (actors/teacher/zero3.py): two ranks over gloo, parameters partitioned (and offloaded),
 each scoring a different number of rows and positions, give the whole-model teacher's statistics."""
 
 from __future__ import annotations

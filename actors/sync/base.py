@@ -26,7 +26,7 @@ class WeightSync(ABC):
 
     def verify(self, prompt_ids: list, response_ids: list, dtype: str) -> dict[str, float]:
         """After a sync: every engine's teacher-forced log-probs of the given rows must equal the student's
-        within the limits for `dtype` (the dtype engines and student run in; `sync_check.sync_limits`);
+        within the limits for `dtype` (the dtype engines and student run in; `actors.sync.check.sync_limits`);
         raises SyncCheckError naming the worst position otherwise. Returns sync/check_* metrics ({} without
         rows)."""
         if not any(len(r) for r in response_ids):

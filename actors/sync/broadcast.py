@@ -1,10 +1,10 @@
 """Weight sync in buckets from student rank 0 to every engine worker, through Ray: the actor mixins and the two
-`WeightSync` implementations that use the primitives of `actors/sync_buckets.py`.
+`WeightSync` implementations that use the primitives of `actors/sync/buckets.py`.
 
-1. Mixins for the Ray shells (`actors/remote.py`): `StudentWeightSender` (ZeRO-3 parameters are gathered
-   bucket by bucket with `deepspeed.zero.GatheredParameters`, every rank joining) and `RolloutWeightReceiver`
-   (forwards to the engine: vLLM loads the buckets in its workers inside one weight-update session, the
-   transformers engine copies them into its parameters).
+1. Mixins for the Ray shells (`actors/student/actor.py`, `actors/rollout/actor.py`): `StudentWeightSender`
+   (ZeRO-3 parameters are gathered bucket by bucket with `deepspeed.zero.GatheredParameters`, every rank
+   joining) and `RolloutWeightReceiver` (forwards to the engine: vLLM loads the buckets in its workers inside
+   one weight-update session, the transformers engine copies them into its parameters).
 2. `NcclWeightSync` (disaggregated: one dedicated group, NCCL on GPUs and gloo on CPU, student rank 0 = rank 0,
    engine worker j of engine i = rank 1 + i * tp + j) and `IpcWeightSync` (colocated: engine i opens the
    bucket that student rank i built on the same GPU), both implementing `WeightSync.sync() -> timing metrics`.

@@ -2,7 +2,7 @@
 side of the bucketed broadcast, the communicators that carry it and CUDA IPC handles.
 
 Imported by both ends of every sync path and by the code that runs inside vLLM's workers
-(`actors/vllm_worker.py`), so it imports nothing of this project but torch: the same `receive_buckets`
+(`actors/rollout/vllm_worker.py`), so it imports nothing of this project but torch: the same `receive_buckets`
 loads buckets into the transformers engine and into vLLM, over gloo on CPU or NCCL on GPUs.
 
 Why buckets: one remote call or one collective launch per parameter costs minutes for a 1.7B model (hundreds
@@ -202,7 +202,7 @@ def weight_group(addr: str, port: int, rank: int, world_size: int, device: torch
 def ipc_handle(tensor: torch.Tensor):
     """A picklable handle to a CUDA tensor; the sender must keep `tensor` alive until the receiver is done.
     It is (rebuild function, args): plain pickle and Ray carry it, vLLM's collective_rpc does not (the engine
-    pickles it to bytes first, see actors/vllm_engine.py)."""
+    pickles it to bytes first, see actors/rollout/vllm_engine.py)."""
     from torch.multiprocessing.reductions import reduce_tensor
 
     return reduce_tensor(tensor)

@@ -9,7 +9,7 @@ dtype (bf16 at paper scale), the statistics are computed chunk by chunk on the G
 crosses to the host once as four compact tensors (8k + 8 bytes per position).
 
 Data parallelism is the teacher actor group itself (one worker per GPU, rollout shards spread over them).
-A teacher that does not fit one GPU runs as `actors/teacher_zero3.py` (`teacher.zero_stage=3`): DeepSpeed
+A teacher that does not fit one GPU runs as `actors/teacher/zero3.py` (`teacher.zero_stage=3`): DeepSpeed
 ZeRO-3 inference with its parameters partitioned over the workers, optionally offloaded to host memory.
 """
 
