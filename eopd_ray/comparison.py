@@ -9,6 +9,15 @@ LABELS = {"kd": "Off-policy KD", "grpo": "GRPO", "opd": "OPD", "entropy_bonus": 
           "advantage_shaping": "OPD + advantage shaping", "full_fkl": "OPD + forward KL everywhere",
           "random_fkl": "OPD + forward KL at random 20%", "eopd": "EOPD"}
 REF_KEYS = ("avg_at_k", "pass_at_k", "high_entropy_fraction")
+# held-out fidelity to the teacher (eval.fidelity; eopd_ray/fidelity.py), and the samples' diversity
+FIDELITY_KEYS = ("reverse_kl", "forward_kl", "forward_kl_high_entropy", "teacher_nll")
+
+
+def eval_figures(ev: dict) -> dict:
+    """One evaluated model's figures: accuracy, high-entropy share, fidelity (None without) and distinct-2."""
+    fid = ev.get("fidelity") or {}
+    return {**{k: ev.get(k) for k in REF_KEYS}, **{f"fidelity/{k}": fid.get(k) for k in FIDELITY_KEYS},
+            "distinct_2": ev.get("diversity/distinct_2")}
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None]:
@@ -26,8 +35,7 @@ def summarize(all_results: dict[str, list[dict]]) -> dict:
     rows = {}
     for method, runs in all_results.items():
         per_run = [{
-            "avg_at_k": r["eval"]["student"]["avg_at_k"], "pass_at_k": r["eval"]["student"]["pass_at_k"],
-            "high_entropy_fraction": r["eval"]["student"]["high_entropy_fraction"],
+            **eval_figures(r["eval"]["student"]),
             "fkl_high_entropy_final": r["train"]["metrics"][-1].get("fkl/high_entropy_mean"),
             "student_entropy_final": r["train"]["metrics"][-1].get("student/entropy"), "wall_s": r["wall_s"],
         } for r in runs]
@@ -42,8 +50,8 @@ def summarize(all_results: dict[str, list[dict]]) -> dict:
     out = {"methods": rows}
     for name in ("teacher", "student_initial"):
         out[name] = {}
-        for key in REF_KEYS:
-            out[name][key], std = _mean_std([ev[name][key] for ev in refs])
+        for key in eval_figures(refs[0][name]):
+            out[name][key], std = _mean_std([eval_figures(ev[name])[key] for ev in refs])
             if len(next(iter(all_results.values()))) > 1:
                 out[name][f"{key}_std"] = std
     return out
@@ -78,4 +86,13 @@ def markdown(summary: dict, command: str) -> str:
         lines.append(f"| {LABELS[method]} | {_num(r, 'avg_at_k')} | {_num(r, 'pass_at_k')} | "
                      f"{_num(r, 'high_entropy_fraction', pct=True)} | {_num(r, 'fkl_high_entropy_final')} | "
                      f"{_num(r, 'student_entropy_final')} | {r['wall_s']:.0f} |")
+    rows = [("teacher", summary["teacher"]), ("initial student", summary["student_initial"])] + \
+        [(LABELS[m], r) for m, r in summary["methods"].items()]
+    if any(r.get("fidelity/reverse_kl") is not None for _, r in rows):
+        lines += ["", "Held-out fidelity to the teacher (nats per response token, exact over the full vocabulary):",
+                  "", "| model | reverse KL (own samples) | forward KL (teacher samples) | forward KL where H_te >= tau "
+                  "| teacher NLL of own samples | distinct-2 |", "|---|---|---|---|---|---|"]
+        for name, r in rows:
+            lines.append(f"| {name} | " + " | ".join(_num(r, f"fidelity/{k}") for k in FIDELITY_KEYS)
+                         + f" | {_num(r, 'distinct_2')} |")
     return "\n".join(lines) + "\n"

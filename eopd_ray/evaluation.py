@@ -58,7 +58,7 @@ def grade_response(response: str, answer) -> bool:
     return task.grade(response, str(answer))
 
 
-def eval_report(results: dict, threshold: float) -> list[str]:
+def eval_report(results: dict, threshold: float, show_samples: int = 0) -> list[str]:
     """One line per model, then how each student's share of high-entropy tokens compares with the teacher's
     (n/a where the engine gives no entropies: vLLM)."""
     share = {n: r["high_entropy_fraction"] for n, r in results.items()
@@ -76,4 +76,29 @@ def eval_report(results: dict, threshold: float) -> list[str]:
     gain = results["student"]["avg_at_k"] - results["student_initial"]["avg_at_k"]
     lines.append(f"training changed Avg@k by {gain:+.3f} ({results['student_initial']['avg_at_k']:.3f} -> "
                  f"{results['student']['avg_at_k']:.3f})")
+    lines += fidelity_lines(results)
+    for name, r in results.items():
+        for text in (r.get("texts") or [[]])[0][:show_samples]:
+            lines.append(f"sample {name:16s} {text[:160]!r}")
+    return lines
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None or not np.isfinite(value) else format(value, spec)
+
+
+def fidelity_lines(results: dict) -> list[str]:
+    """One line per model with its fidelity to the teacher (eopd_ray/fidelity.py), and how training moved the
+    student's reverse KL."""
+    lines = []
+    for name, r in results.items():
+        f = r.get("fidelity")
+        if f:
+            lines.append(f"fidelity {name:16s} reverse KL {_fmt(f['reverse_kl'])} forward KL "
+                         f"{_fmt(f.get('forward_kl'))} (at teacher entropy >= tau: {_fmt(f.get('forward_kl_high_entropy'))}) "
+                         f"teacher NLL {_fmt(f['teacher_nll'])} nats/token; distinct-2 {_fmt(r.get('diversity/distinct_2'))}")
+    start, end = (results.get(n, {}).get("fidelity", {}).get("reverse_kl") for n in ("student_initial", "student"))
+    if start and end is not None:
+        lines.append(f"training changed the reverse KL to the teacher by {100 * (end - start) / start:+.1f}% "
+                     f"({start:.3f} -> {end:.3f} nats/token)")
     return lines

@@ -117,6 +117,8 @@ def write_results(out_dir: Path, cfg: RunConfig, train_rows: list[dict], eval_re
                   report: list[str] | None = None) -> Path:
     """results.json as strict JSON: NaN / inf results (no entropy from vLLM) are null; config floats
     that are inf (loss.tau) are "inf", which `config_from_dict` reads back."""
+    eval_results = {name: {k: v for k, v in r.items() if k not in SAMPLE_KEYS} |
+                    ({"samples": r["texts"][0][:4]} if r.get("texts") else {}) for name, r in eval_results.items()}
     results = {"config": json_safe(cfg.to_dict(), inf_as_string=True),
                "train": {"steps_done": train_rows[-1]["step"] if train_rows else 0, "metrics": train_rows},
                "eval": eval_results, "report": report or []}
@@ -124,3 +126,22 @@ def write_results(out_dir: Path, cfg: RunConfig, train_rows: list[dict], eval_re
     json.dumps(results, allow_nan=False, default=float)  # fails here, before the file is replaced, if anything slipped through
     write_json_atomic(out_dir / "results.json", results)
     return out_dir / "results.json"
+
+
+# per-sample lists of an evaluation: samples.jsonl holds them, results.json only the figures
+SAMPLE_KEYS = ("texts", "lengths", "response_ids")
+
+
+def write_samples(out_dir: Path, eval_results: dict, prompts: list[str]) -> Path:
+    """samples.jsonl: one row per decoded evaluation response (prompt, model, sample index, response, tokens),
+    written whole to a temporary file and renamed."""
+    path = out_dir / "samples.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for name, r in eval_results.items():
+            for prompt, texts, lengths in zip(prompts, r.get("texts") or [], r.get("lengths") or []):
+                for i, (text, n) in enumerate(zip(texts, lengths)):
+                    fh.write(json.dumps({"model": name, "prompt": prompt, "sample": i, "response": text,
+                                         "tokens": int(n)}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -38,24 +38,25 @@ from eopd_ray.run_io import dumps_strict  # noqa: E402
 
 
 
-def method_overrides(method: str, user: list[str]) -> list[str]:
+def method_overrides(method: str, user: list[str], config: str | None = None) -> list[str]:
     """The objective, and for objectives run with n samples per prompt (GRPO: 8) n of them over B / n prompts,
     so that every method sees the same number of responses per step."""
     out = [f"loss.objective={method}"]
     n = get_objective(method).samples_per_prompt
     if n > 1:
-        cfg = load_config(None, user)
+        cfg = load_config(config, user)
         out += [f"rollout.n_samples_per_prompt={n}", f"trainer.batch_size={max(1, cfg.trainer.batch_size // n)}",
                 f"trainer.mini_batch_size={max(1, cfg.trainer.mini_batch_size // n)}"]
     return out + list(user)
 
 
-def run_method(method: str, out: Path, user: list[str], seed: int | None = None, per_seed_dir: bool = False) -> dict:
+def run_method(method: str, out: Path, user: list[str], seed: int | None = None, per_seed_dir: bool = False,
+               config: str | None = None) -> dict:
     """One run of train_eopd.py into OUT/<method> (OUT/<method>/seed<N> when several seeds are compared)."""
     run_dir = out / method / f"seed{seed}" if per_seed_dir else out / method
     seed_args = [] if seed is None else [f"trainer.seed={seed}"]
     cmd = [sys.executable, str(Path(__file__).with_name("train_eopd.py")), "--out", str(run_dir),
-           *method_overrides(method, user), *seed_args]
+           *(["--config", config] if config else []), *method_overrides(method, user, config), *seed_args]
     print(f"\n=== {method}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=dict(os.environ))
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="overrides applied to every method, e.g. trainer.max_steps=4")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--config", help="YAML preset every method starts from (see examples/configs/)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--seeds", default="", help="comma-separated trainer.seed values, e.g. 0,1,2: every method is "
                    "run once per seed and the table shows mean ± standard deviation (default: one run, the config's seed)")
@@ -115,11 +117,11 @@ def main(argv=None) -> int:
         print(f"error: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}", file=sys.stderr)
         return 2
     for m in methods:  # every configuration is validated before the first run starts
-        load_config(None, method_overrides(m, args.overrides))
+        load_config(args.config, method_overrides(m, args.overrides, args.config))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    all_results = {m: [run_method(m, out, args.overrides, seed, per_seed_dir=len(seeds) > 1) for seed in seeds]
-                   for m in methods}
+    all_results = {m: [run_method(m, out, args.overrides, seed, per_seed_dir=len(seeds) > 1, config=args.config)
+                       for seed in seeds] for m in methods}
     summary = summarize(all_results)
     command = "python examples/compare_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (out / "comparison.json").write_text(dumps_strict(summary, indent=2))

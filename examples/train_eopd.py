@@ -30,7 +30,7 @@ from actors.sync.check import SyncCheckError  # noqa: E402
 from eopd_ray.evaluation import eval_report  # noqa: E402
 from eopd_ray.placement import format_plan  # noqa: E402
 from eopd_ray.plots import entropy_histograms, training_curves  # noqa: E402
-from eopd_ray.run_io import write_results  # noqa: E402
+from eopd_ray.run_io import write_results, write_samples  # noqa: E402
 from eopd_ray.run_setup import SETUP_ERRORS, resolve_config  # noqa: E402
 
 import ray  # noqa: E402,I001
@@ -81,10 +81,11 @@ def main(argv=None) -> int:
             return (code := 1)
         # ---- evaluate teacher, initial and trained student; write results ------------------------------
         results = evaluate_models(session, run.eval_recs) if finished and cfg.eval.enabled else {}
-        report = eval_report(results, cfg.eval.high_entropy_threshold) if results else []
+        report = eval_report(results, cfg.eval.high_entropy_threshold, cfg.eval.show_samples) if results else []
         for line in report:
             print(line)
         if results:
+            write_samples(run.out_dir, results, [r.prompt for r in run.eval_recs])  # every decoded response
             entropy_histograms(results, run.out_dir / "entropy_hist.png", cfg.eval.high_entropy_threshold)
         if log.rows:
             training_curves(log.rows, run.out_dir / "training_curves.png", f"{cfg.loss.objective} on {cfg.model.student}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -10,7 +12,10 @@ import ray
 from actors.driver.session import ACTOR_DIED, Session
 from actors.runtime.group import ActorGroup
 from actors.rollout.engine import SamplingParams
+from eopd_ray import checkpoint
 from eopd_ray.evaluation import summarize_correct
+from eopd_ray.fidelity import diversity, fidelity
+from eopd_ray.models import load_causal_lm
 from eopd_ray.seeds import eval_seed
 from eopd_ray.sharding import shard_slices
 
@@ -42,19 +47,21 @@ def evaluate_on_workers(rollouts: ActorGroup, prompt_ids: list, answers: list, k
     correct = np.zeros((len(prompt_ids), k), dtype=bool)
     texts: list = [None] * len(prompt_ids)
     lengths: list = [None] * len(prompt_ids)
+    response_ids: list = [None] * len(prompt_ids)
     for idx, part in zip([o for o in order if o], parts):
         correct[idx] = part["correct"]
         if return_texts:
             for pos, j in enumerate(idx):
                 texts[j] = part["texts"][pos * k:(pos + 1) * k]
                 lengths[j] = part["lengths"][pos * k:(pos + 1) * k]
+                response_ids[j] = part["response_ids"][pos * k:(pos + 1) * k]
     out = summarize_correct(correct, k)
     out["high_entropy_fraction"] = combine_fractions(parts)
     out["entropy_hist"] = np.sum([p["entropy_hist"] for p in parts], axis=0).tolist()
     out["entropy_edges"] = parts[0]["entropy_edges"]
     out["correct"] = correct.tolist()
     if return_texts:
-        out["texts"], out["lengths"] = texts, lengths
+        out["texts"], out["lengths"], out["response_ids"] = texts, lengths, response_ids
     else:
         out["samples"] = parts[0]["texts"]
     return out
@@ -70,7 +77,7 @@ def evaluate(session: Session, eval_recs: list, model_path: str | None) -> dict:
         try:
             return evaluate_on_workers(session.rollouts, [r.prompt_ids for r in eval_recs],
                                        [r.answer for r in eval_recs], cfg.eval.k, params,
-                                       cfg.eval.high_entropy_threshold, model_path)
+                                       cfg.eval.high_entropy_threshold, model_path, return_texts=True)
         except ACTOR_DIED:
             if not session.recover_rollout_workers("during evaluation",
                                                    None if session.on_policy else session.models.student_path):
@@ -78,7 +85,8 @@ def evaluate(session: Session, eval_recs: list, model_path: str | None) -> dict:
 
 
 def evaluate_models(session: Session, eval_recs: list) -> dict:
-    """The trained student, the initial student and (eval.teacher) the teacher, on the same problems and seeds.
+    """The trained student, the initial student and (eval.teacher) the teacher, on the same problems and seeds;
+    then (eval.fidelity) each one's fidelity to the teacher and the diversity of its samples.
     Off-policy objectives' workers held the teacher: they are given the student and its trained weights first."""
     if not session.on_policy:
         session.rollouts.run("load_model", session.models.student_path)
@@ -87,4 +95,40 @@ def evaluate_models(session: Session, eval_recs: list) -> dict:
                "student_initial": evaluate(session, eval_recs, session.models.student_path)}
     if session.cfg.eval.teacher:
         results["teacher"] = evaluate(session, eval_recs, session.models.teacher_path)
+    for r in results.values():
+        r["diversity/distinct_2"] = diversity(r["response_ids"], 2)
+    if session.cfg.eval.fidelity:
+        add_fidelity(session, eval_recs, results)
     return results
+
+
+def trained_student_path(session: Session) -> str:
+    """The HF copy of the trained student in the run's newest checkpoint (written at the last step); the initial
+    student's path when no step has run."""
+    ckpt = checkpoint.latest(Path(session.cfg.out_dir) / "checkpoints")
+    return str(ckpt / "hf") if ckpt is not None else session.models.student_path
+
+
+def add_fidelity(session: Session, eval_recs: list, results: dict) -> None:
+    """results[name]["fidelity"] for every evaluated model, computed in this (the driver's) process: the models
+    are loaded from their paths, the samples are the evaluation's own."""
+    cfg, models = session.cfg, session.models
+    k = cfg.eval.k
+    prompts = [r.prompt_ids for r in eval_recs for _ in range(k)]
+
+    def samples(name):
+        return prompts, [ids for row in results[name]["response_ids"] for ids in row]
+
+    t0 = time.perf_counter()
+    teacher = load_causal_lm(models.teacher_path, cfg.model.teacher_dtype, cfg.model.trust_remote_code).eval()
+    teacher_samples = samples("teacher") if "teacher" in results else None
+    paths = {"student": trained_student_path(session), "student_initial": models.student_path}
+    for name, path in paths.items():
+        model = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
+        results[name]["fidelity"] = fidelity(model, teacher, samples(name), teacher_samples, models.vocab_size,
+                                             cfg.loss.tau)
+        del model
+    if teacher_samples is not None:  # the teacher against itself: both KLs are 0 by definition
+        results["teacher"]["fidelity"] = {**fidelity(teacher, teacher, teacher_samples, None, models.vocab_size,
+                                                     cfg.loss.tau), "forward_kl": 0.0, "forward_kl_high_entropy": 0.0}
+    print(f"fidelity to the teacher computed in {time.perf_counter() - t0:.0f} s")

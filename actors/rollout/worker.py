@@ -99,7 +99,9 @@ class RolloutWorker:
                 "high_entropy_fraction": high_entropy_fraction(gen.entropy, threshold),
                 "entropy_hist": hist.tolist(), "entropy_edges": edges.tolist(),
                 "texts": texts if return_texts else texts[:4],
-                "lengths": [len(r) for r in gen.response_ids] if return_texts else []}
+                "lengths": [len(r) for r in gen.response_ids] if return_texts else [],
+                # the sampled ids themselves, for fidelity to the teacher (eopd_ray/fidelity.py)
+                "response_ids": [np.asarray(r, dtype=np.int32) for r in gen.response_ids] if return_texts else []}
 
     def update_weights(self, state: dict[str, np.ndarray]) -> float:
         t0 = time.perf_counter()

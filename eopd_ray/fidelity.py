@@ -1,0 +1,110 @@
+"""Fidelity to the teacher, exact over the full vocabulary, and diversity of sampled responses.
+
+For a model M and the teacher T, on held-out prompts (per token, averaged over all response tokens):
+- reverse KL, KL(p_M || p_T), at the positions of M's own samples (what on-policy distillation minimises);
+- forward KL, KL(p_T || p_M), at the positions of the teacher's samples (how well M covers what T writes);
+  also over only the teacher-sample positions where the teacher's entropy is >= tau (the positions EOPD gates);
+- the teacher's NLL of M's samples, -log p_T(x_t), and the teacher's entropy there;
+- distinct n-grams across the k samples of a prompt.
+
+Every distribution is a log-softmax over the shared real vocabulary (the first `vocab` ids), in float64, from
+the models' own logits. At a 135M model and 50k tokens this is cheap; at 8B and 150k it is a GPU job, and
+`eval.fidelity=false` turns it off.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def response_logprobs(model, prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], vocab: int,
+                      batch_size: int = 8) -> Iterator[torch.Tensor]:
+    """For each (prompt, response) pair in order, the (R, vocab) float64 log-probabilities the model gives each
+    response position (the distribution the response token at that position was drawn from).
+
+    Rows are laid out [left padding, prompt, response, right padding], so every response starts at the same
+    column and the output head runs on the response columns only (`logits_to_keep`)."""
+    device = next(model.parameters()).device
+    for b in range(0, len(prompts), batch_size):
+        ps = [np.asarray(p, dtype=np.int64) for p in prompts[b:b + batch_size]]
+        rs = [np.asarray(r, dtype=np.int64) for r in responses[b:b + batch_size]]
+        p_max, r_max = max(len(p) for p in ps), max(max(len(r) for r in rs), 1)
+        ids_BS = torch.zeros(len(ps), p_max + r_max, dtype=torch.long)
+        mask_BS = torch.zeros_like(ids_BS)
+        for i, (p, r) in enumerate(zip(ps, rs)):
+            ids_BS[i, p_max - len(p):p_max] = torch.from_numpy(p)
+            ids_BS[i, p_max:p_max + len(r)] = torch.from_numpy(r)
+            mask_BS[i, p_max - len(p):p_max + len(r)] = 1
+        pos_BS = (mask_BS.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+        # the logits at columns p_max-1 .. p_max+r_max-2 predict response tokens 0 .. r_max-1
+        out = model(input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device), position_ids=pos_BS.to(device),
+                    use_cache=False, logits_to_keep=r_max + 1)
+        logits_BRV = out.logits[:, :r_max, :vocab].double()
+        logp_BRV = torch.log_softmax(logits_BRV, dim=-1).cpu()
+        for i, r in enumerate(rs):
+            yield logp_BRV[i, :len(r)]
+
+
+def kl_R(logp_a_RV: torch.Tensor, logp_b_RV: torch.Tensor) -> torch.Tensor:
+    """(R,) KL(a || b) = sum_v p_a (log p_a - log p_b) per position (0 * log 0 counted as 0)."""
+    p_a = logp_a_RV.exp()
+    return torch.where(p_a > 0, p_a * (logp_a_RV - logp_b_RV), torch.zeros_like(p_a)).sum(-1)
+
+
+def entropy_R(logp_RV: torch.Tensor) -> torch.Tensor:
+    p = logp_RV.exp()
+    return -torch.where(p > 0, p * logp_RV, torch.zeros_like(p)).sum(-1)
+
+
+def _mean(parts: list[torch.Tensor]) -> float | None:
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return float(flat.mean()) if flat.numel() else None
+
+
+def fidelity(model, teacher, own: tuple[list, list], teacher_samples: tuple[list, list] | None, vocab: int,
+             tau: float, batch_size: int = 8) -> dict:
+    """Fidelity of `model` to `teacher` (module docstring). own / teacher_samples: (prompt id arrays, response id
+    arrays) sampled from the model and from the teacher. Means are over response tokens; None where no token."""
+    rkl, nll, t_ent = [], [], []
+    own_m = response_logprobs(model, *own, vocab, batch_size)
+    # the teacher against itself: one forward (its KLs are exactly 0)
+    pairs = ((lp, lp) for lp in own_m) if model is teacher else zip(own_m, response_logprobs(teacher, *own, vocab,
+                                                                                            batch_size))
+    for resp, (lp_m_RV, lp_t_RV) in zip(own[1], pairs):
+        ids_R = torch.as_tensor(np.asarray(resp, dtype=np.int64))
+        rkl.append(kl_R(lp_m_RV, lp_t_RV))
+        nll.append(-lp_t_RV.gather(-1, ids_R[:, None])[:, 0])
+        t_ent.append(entropy_R(lp_t_RV))
+    out = {"reverse_kl": _mean(rkl), "teacher_nll": _mean(nll), "teacher_entropy_on_samples": _mean(t_ent),
+           "response_tokens": int(sum(len(r) for r in own[1]))}
+    if teacher_samples is not None:
+        fkl, fkl_gated, gated = [], [], 0
+        pairs = zip(response_logprobs(teacher, *teacher_samples, vocab, batch_size),
+                    response_logprobs(model, *teacher_samples, vocab, batch_size))
+        for lp_t_RV, lp_m_RV in pairs:
+            f_R = kl_R(lp_t_RV, lp_m_RV)
+            high_R = entropy_R(lp_t_RV) >= tau
+            fkl.append(f_R)
+            fkl_gated.append(f_R[high_R])
+            gated += int(high_R.sum())
+        out.update({"forward_kl": _mean(fkl), "forward_kl_high_entropy": _mean(fkl_gated),
+                    "teacher_high_entropy_positions": gated,
+                    "teacher_sample_tokens": int(sum(len(r) for r in teacher_samples[1]))})
+    return out
+
+
+def distinct_ngrams(samples: Sequence[Sequence[int]], n: int = 2) -> float | None:
+    """Distinct n-grams across the samples of one prompt over all n-grams they hold: 1.0 when no n-gram repeats
+    (within or across samples), 1/len when every sample is the same repeated token. None: no n-gram at all."""
+    grams = [tuple(s[i:i + n]) for s in samples for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def diversity(responses_PK: Sequence[Sequence[Sequence[int]]], n: int = 2) -> float | None:
+    """Mean over prompts of `distinct_ngrams` of the prompt's k sampled responses (token ids)."""
+    values = [v for v in (distinct_ngrams([list(r) for r in samples], n) for samples in responses_PK) if v is not None]
+    return float(np.mean(values)) if values else None
