@@ -38,7 +38,7 @@ class TransformersEngine(RolloutEngine):
         if unexpected or [m for m in missing if not _is_tied(self.model, m)]:
             raise RuntimeError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-    # -- the disaggregated sync's receiving side on CPU (actors/nccl_sync.py: gloo instead of NCCL) --------
+    # -- the disaggregated sync's receiving side on CPU (actors/sync/broadcast.py: gloo instead of NCCL) --------
     def init_weight_group(self, addr: str, port: int, rank_offset: int, world_size: int) -> None:
         from actors.sync.buckets import GlooComm
 
