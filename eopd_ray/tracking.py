@@ -76,10 +76,16 @@ def is_metric(value) -> bool:
 
 def flat_eval(results: dict) -> dict[str, float]:
     """`eval/<model>/<metric>` for every scalar of `evaluate_models`' results (avg_at_k, pass_at_k, k,
-    num_problems, high_entropy_fraction); histograms, samples and per-sample correctness stay in
-    results.json."""
-    return {f"eval/{model}/{key}": float(value) for model, r in results.items()
-            for key, value in r.items() if is_metric(value)}
+    num_problems, high_entropy_fraction, diversity/distinct_2, and fidelity/* from eval.fidelity); histograms,
+    samples and per-sample correctness stay in results.json."""
+    flat = {}
+    for model, r in results.items():
+        for key, value in r.items():
+            inner = value.items() if key == "fidelity" and isinstance(value, dict) else [("", value)]
+            for sub, v in inner:  # fidelity's figures as eval/<model>/fidelity/<name>
+                if is_metric(v):
+                    flat[f"eval/{model}/{key}/{sub}" if sub else f"eval/{model}/{key}"] = float(v)
+    return flat
 
 
 class Trackers:

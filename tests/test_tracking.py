@@ -163,7 +163,8 @@ def open_log(cfg, out: Path, resume_step=None) -> MetricsLog:
 EVAL = {"student": {"avg_at_k": 0.5, "pass_at_k": 0.75, "k": 2, "num_problems": 6, "high_entropy_fraction": NAN,
                     "entropy_hist": [1, 2], "entropy_edges": [0.0, 1.0, 2.0], "correct": [[True, False]]},
         "student_initial": {"avg_at_k": 0.25, "pass_at_k": 0.5, "k": 2, "num_problems": 6,
-                            "high_entropy_fraction": 0.125, "samples": ["a"]}}
+                            "high_entropy_fraction": 0.125, "samples": ["a"],
+                            "fidelity": {"reverse_kl": 1.5, "forward_kl": None, "teacher_nll": 2.25}}}
 
 
 @pytest.fixture
@@ -189,7 +190,9 @@ def test_fault_replay_nan_config_and_eval_reach_both_trackers(tmp_path, offline)
     scalars = assert_tensorboard_matches(tmp_path, rows)
     flat = flat_eval(EVAL)
     assert set(flat) == {f"eval/{m}/{k}" for m in EVAL for k in ("avg_at_k", "pass_at_k", "k", "num_problems",
-                                                                  "high_entropy_fraction")}
+                                                                  "high_entropy_fraction")} | {
+        "eval/student_initial/fidelity/reverse_kl", "eval/student_initial/fidelity/teacher_nll"}  # None: not logged
+    assert flat["eval/student_initial/fidelity/teacher_nll"] == 2.25
     for key, value in flat.items():  # TensorBoard: at the last step
         assert len(scalars[key]) == 1 and scalars[key][0][0] == 5
         got = scalars[key][0][1]
