@@ -280,7 +280,7 @@ def _build_one(out_dir: Path, cfg: TinyModelsConfig, name: str, progress: bool) 
 
 
 # The embedded pairs `model.tiny_variant` names: one teacher, three students. `calibrated` and `canonical60`
-# were built to look for OPD's entropy collapse on this task (README, "Looking for OPD's collapse on a laptop").
+# were built to look for OPD's entropy collapse on this task (docs/results.md, the collapse search).
 VARIANTS = {
     "default": TinyModelsConfig(),  # over-dispersed student (label smoothing 0.1)
     # smaller, trained on the exact soft targets without smoothing: as calibrated as its width allows

@@ -51,7 +51,7 @@ def _vllm_missing() -> str:
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed (CPU machines: see the README section 'vLLM on a CPU machine')"
+        return "vLLM is not installed (CPU machines: see docs/vllm.md)"
     return ""
 
 

