@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         params = SamplingParams(args.temperature, args.top_p, budgets[name], args.seed)
         t0 = time.perf_counter()
         res = evaluate_on_workers(group, [r.prompt_ids for r in recs], [r.answer for r in recs], args.n, params,
-                                  1.0, None, return_texts=True)
+                                  1.0, None)
         correct = np.asarray(res["correct"], dtype=bool)
         with open(out / f"samples_{name}.jsonl", "w", encoding="utf-8") as fh:
             for rec, texts, lengths, ok in zip(recs, res["texts"], res["lengths"], correct):

@@ -124,5 +124,5 @@ def test_trained_checkpoint_loads_in_vllm_and_transformers_alike(real_run):
     with torch.no_grad():
         ref = float64_logprobs(load_causal_lm(hf), prompts, gen.response_ids)
         start = float64_logprobs(load_causal_lm(initial), prompts, gen.response_ids)
-    assert max(float(np.abs(a - b).max()) for a, b in zip(gen.logprobs, ref)) < 1e-3
+    assert max(float(np.abs(a - b).max()) for a, b in zip(gen.logprobs, ref)) < 1e-4  # measured 1.9e-5
     assert max(float(np.abs(a - b).max()) for a, b in zip(start, ref)) > 1e-3  # the trained weights, not the start

@@ -36,13 +36,13 @@ def combine_fractions(parts: list[dict]) -> float:
 
 
 def evaluate_on_workers(rollouts: ActorGroup, prompt_ids: list, answers: list, k: int, params: SamplingParams,
-                        threshold: float = 1.0, model_path: str | None = None, return_texts: bool = False) -> dict:
+                        threshold: float = 1.0, model_path: str | None = None) -> dict:
     """k samples per problem; the problems are sharded over the workers and reassembled in order.
 
     model_path: load this model into every worker first (None = evaluate the weights they hold)."""
     order = [list(range(len(prompt_ids)))[s] for s in shard_slices(len(prompt_ids), len(rollouts))]
     parts = ray.get([a.evaluate.remote([prompt_ids[j] for j in idx], [answers[j] for j in idx], k, params,
-                                       threshold, model_path, return_texts)
+                                       threshold, model_path, True)
                      for a, idx in zip(rollouts.actors, order) if idx])
     correct = np.zeros((len(prompt_ids), k), dtype=bool)
     texts: list = [None] * len(prompt_ids)
@@ -50,20 +50,17 @@ def evaluate_on_workers(rollouts: ActorGroup, prompt_ids: list, answers: list, k
     response_ids: list = [None] * len(prompt_ids)
     for idx, part in zip([o for o in order if o], parts):
         correct[idx] = part["correct"]
-        if return_texts:
-            for pos, j in enumerate(idx):
-                texts[j] = part["texts"][pos * k:(pos + 1) * k]
-                lengths[j] = part["lengths"][pos * k:(pos + 1) * k]
-                response_ids[j] = part["response_ids"][pos * k:(pos + 1) * k]
+        for pos, j in enumerate(idx):
+            texts[j] = part["texts"][pos * k:(pos + 1) * k]
+            lengths[j] = part["lengths"][pos * k:(pos + 1) * k]
+            response_ids[j] = part["response_ids"][pos * k:(pos + 1) * k]
     out = summarize_correct(correct, k)
     out["high_entropy_fraction"] = combine_fractions(parts)
     out["entropy_hist"] = np.sum([p["entropy_hist"] for p in parts], axis=0).tolist()
     out["entropy_edges"] = parts[0]["entropy_edges"]
     out["correct"] = correct.tolist()
-    if return_texts:
-        out["texts"], out["lengths"], out["response_ids"] = texts, lengths, response_ids
-    else:
-        out["samples"] = parts[0]["texts"]
+    # per problem, its k samples: texts, token counts and ids (samples.jsonl, diversity, fidelity)
+    out["texts"], out["lengths"], out["response_ids"] = texts, lengths, response_ids
     return out
 
 
@@ -77,7 +74,7 @@ def evaluate(session: Session, eval_recs: list, model_path: str | None) -> dict:
         try:
             return evaluate_on_workers(session.rollouts, [r.prompt_ids for r in eval_recs],
                                        [r.answer for r in eval_recs], cfg.eval.k, params,
-                                       cfg.eval.high_entropy_threshold, model_path, return_texts=True)
+                                       cfg.eval.high_entropy_threshold, model_path)
         except ACTOR_DIED:
             if not session.recover_rollout_workers("during evaluation",
                                                    None if session.on_policy else session.models.student_path):
