@@ -70,7 +70,7 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
     logq_BTV = torch.log_softmax(student_logits.to(compute_dtype(student_logits.dtype)), dim=-1)
     tokens_BT = torch.where(mask_BT, tokens.long(), 0)
     t_ids_BTK = torch.where(mask_BT.unsqueeze(-1), teacher.topk_ids.long(), 0)
-    logprobs_BT, logq_topk_BTK, student_ent_BT = _picked(logq_BTV, tokens_BT, t_ids_BTK, obj.trains_entropy)
+    logprobs_BT, logq_topk_BTK, student_ent_BT = _picked(logq_BTV, tokens_BT, t_ids_BTK, obj)
     return _assemble(obj, cfg, logprobs_BT, logq_topk_BTK, student_ent_BT, old_logprobs, teacher, mask_BT,
                      num_tokens, generator, num_gated, sequence_advantages, gate)
 
@@ -104,19 +104,19 @@ def eopd_loss_from_hidden(hidden_BTH: torch.Tensor, head, tokens: torch.Tensor, 
         logits_cV = head(h_cH)
         logits_cV = logits_cV[..., :vocab_size] if vocab_size is not None else logits_cV
         logq_cV = torch.log_softmax(logits_cV.to(compute_dtype(logits_cV.dtype)), dim=-1)
-        return _picked(logq_cV, tok_c, ids_cK, obj.trains_entropy)
+        return _picked(logq_cV, tok_c, ids_cK, obj)
 
     parts = [checkpoint(chunk, hidden_NH[s:s + chunk_size], tokens_N[s:s + chunk_size], t_ids_NK[s:s + chunk_size],
                         use_reentrant=False) for s in range(0, hidden_NH.shape[0], chunk_size)]
-    if parts:
-        lp_N, topk_NK, ent_N = (torch.cat(x) for x in zip(*parts))
+    if parts:  # a part the objective does not need (diagnostics off) is None in every chunk
+        lp_N, topk_NK, ent_N = (None if x[0] is None else torch.cat(x) for x in zip(*parts))
     else:  # no response position: empty tensors of the right dtypes keep the loss a (zero) graph on hidden
         lp_N, topk_NK, ent_N = chunk(hidden_NH, tokens_N, t_ids_NK)
     zeros = torch.zeros(mask_BT.shape, dtype=lp_N.dtype, device=lp_N.device)
     logprobs_BT = zeros.masked_scatter(mask_BT, lp_N)
-    logq_topk_BTK = zeros.unsqueeze(-1).expand(*mask_BT.shape, t_ids_NK.shape[-1]).masked_scatter(
-        mask_BT.unsqueeze(-1), topk_NK)
-    student_ent_BT = zeros.masked_scatter(mask_BT, ent_N)
+    logq_topk_BTK = None if topk_NK is None else zeros.unsqueeze(-1).expand(
+        *mask_BT.shape, t_ids_NK.shape[-1]).masked_scatter(mask_BT.unsqueeze(-1), topk_NK)
+    student_ent_BT = None if ent_N is None else zeros.masked_scatter(mask_BT, ent_N)
     return _assemble(obj, cfg, logprobs_BT, logq_topk_BTK, student_ent_BT, old_logprobs, teacher, mask_BT,
                      num_tokens, generator, num_gated, sequence_advantages, gate)
 
@@ -135,17 +135,32 @@ def _check_shapes(lead: tuple, tokens: torch.Tensor, old_logprobs: torch.Tensor,
                          f"mask {tuple(mask.shape)}")
 
 
-def _picked(logq_V: torch.Tensor, tokens: torch.Tensor, topk_ids_K: torch.Tensor, with_entropy_grad: bool):
-    """(log-prob of the sampled token, log-probs at the teacher's top-k ids, entropy) from full log-probs.
+def _needs(obj: Objective) -> tuple[bool, bool]:
+    """(the teacher's top-k log-probs, the student's entropy): what the core computes for `obj`. Everything
+    with diagnostics on; otherwise only what the objective's loss uses (`Objective`)."""
+    return (obj.diagnostics or obj.trains_fkl,
+            obj.diagnostics or obj.trains_entropy or obj.reads_entropy)
+
+
+def _picked(logq_V: torch.Tensor, tokens: torch.Tensor, topk_ids_K: torch.Tensor, obj: Objective):
+    """(log-prob of the sampled token, log-probs at the teacher's top-k ids, entropy) from full log-probs;
+    the last two None where `obj` needs them not (`_needs`).
     One gather for the sampled token and the top-k: each gather's backward allocates a dense V-wide
     gradient, so two would cost EOPD one more V-wide buffer than OPD."""
-    picked_K1 = logq_V.gather(-1, torch.cat([tokens.unsqueeze(-1), topk_ids_K], dim=-1))
-    if with_entropy_grad:
+    need_topk, need_entropy = _needs(obj)
+    if need_topk:
+        picked_K1 = logq_V.gather(-1, torch.cat([tokens.unsqueeze(-1), topk_ids_K], dim=-1))
+        picked, topk = picked_K1[..., 0], picked_K1[..., 1:]
+    else:
+        picked, topk = logq_V.gather(-1, tokens.unsqueeze(-1))[..., 0], None
+    if not need_entropy:
+        entropy = None
+    elif obj.trains_entropy:
         entropy = entropy_from_logprobs(logq_V)
     else:
         with torch.no_grad():
             entropy = entropy_from_logprobs(logq_V)
-    return picked_K1[..., 0], picked_K1[..., 1:], entropy
+    return picked, topk, entropy
 
 
 def objective_gate(cfg: Any, mask: torch.Tensor, teacher: TokenStats, old_logprobs: torch.Tensor,
@@ -217,15 +232,19 @@ def _assemble(obj: Objective, cfg: Any, logprobs_BT: torch.Tensor, logq_topk_BTK
 
     advantages_BT = obj.advantages(inputs, cfg)
     pg_BT = clipped_surrogate(logprobs_BT, old_BT, advantages_BT, cfg.clip_eps)
-    # Computed for every objective: the high-entropy FKL metric compares OPD runs with EOPD (Fig. 5).
-    fkl_BT = fkl_at_topk(logq_topk_BTK if obj.trains_fkl else logq_topk_BTK.detach(), t_topk_BTK, cfg.renormalize)
+    # Computed for every objective with diagnostics on: the high-entropy FKL metric compares OPD runs with
+    # EOPD (Fig. 5). Without them (logq_topk_BTK None) an objective that does not train it has no FKL term.
+    fkl_BT = None if logq_topk_BTK is None else fkl_at_topk(
+        logq_topk_BTK if obj.trains_fkl else logq_topk_BTK.detach(), t_topk_BTK, cfg.renormalize)
 
     pg_term = obj.policy_term(inputs, cfg, pg_BT)
-    fkl_sum = torch.where(gate_BT, fkl_BT, zero).sum()
-    if cfg.fkl_normalizer == "gated_tokens":
+    if fkl_BT is None:
+        fkl_term = zero
+    elif cfg.fkl_normalizer == "gated_tokens":
+        fkl_sum = torch.where(gate_BT, fkl_BT, zero).sum()
         fkl_term = obj.fkl_coef(cfg) * fkl_sum / _as_count(gate_BT.sum() if num_gated is None else num_gated, fkl_sum)
     else:
-        fkl_term = obj.fkl_coef(cfg) * fkl_sum / n_tok
+        fkl_term = obj.fkl_coef(cfg) * torch.where(gate_BT, fkl_BT, zero).sum() / n_tok
     ent_term = obj.extra_term(inputs, cfg)
     loss = pg_term + fkl_term + ent_term
 
@@ -243,12 +262,15 @@ def _assemble(obj: Objective, cfg: Any, logprobs_BT: torch.Tensor, logq_topk_BTK
             "loss/entropy": ent_term.detach(),
             "gate/fraction": (gate_BT & mask_BT).sum().to(dt) / n_mask.clamp_min(1),
             "gate/high_entropy_fraction": high_BT.sum().to(dt) / n_mask.clamp_min(1),  # H_te >= tau (Fig. 9)
-            "teacher/entropy": mean(t_ent_BT, mask_BT), "student/entropy": mean(student_ent_BT, mask_BT),
-            "fkl/gated_mean": mean(fkl_BT, gate_BT), "fkl/high_entropy_mean": mean(fkl_BT, high_BT),
-            "fkl/mean": mean(fkl_BT, mask_BT),
+            "teacher/entropy": mean(t_ent_BT, mask_BT),
             "pg/clip_fraction": mean(clipped_BT.to(dt), mask_BT), "pg/ratio_mean": mean(ratio_BT, mask_BT),
             "pg/advantage_mean": mean(advantages_BT, mask_BT), "kl/reverse": mean(old_BT - t_lp_BT, mask_BT),
             "tokens/masked": n_mask, "tokens/gated": gate_BT.sum(), "tokens/high_entropy": high_BT.sum(),
         }
+        if student_ent_BT is not None:  # left out where diagnostics are off and the objective needs neither
+            metrics_t["student/entropy"] = mean(student_ent_BT, mask_BT)
+        if fkl_BT is not None:
+            metrics_t.update({"fkl/gated_mean": mean(fkl_BT, gate_BT), "fkl/high_entropy_mean": mean(fkl_BT, high_BT),
+                              "fkl/mean": mean(fkl_BT, mask_BT)})
         values = torch.stack([v.to(torch.float64) for v in metrics_t.values()]).tolist()  # one device sync
     return loss, dict(zip(metrics_t, values))

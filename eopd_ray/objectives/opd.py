@@ -22,4 +22,4 @@ OPD = register(Objective("opd", "reverse-KL on-policy distillation: the clipped 
 ENTROPY_BONUS = register(Objective("entropy_bonus", "OPD + loss.entropy_coef x the student's entropy",
                                    extra_term=entropy_bonus, trains_entropy=True))
 ADVANTAGE_SHAPING = register(Objective("advantage_shaping", "OPD with entropy-shaped advantages (eq. 11)",
-                                       advantages=shaped_advantages))
+                                       advantages=shaped_advantages, reads_entropy=True))

@@ -14,6 +14,8 @@ and declares what the rest of the system needs to know about it: whether it lear
 samples (`samples_from_teacher`), how many responses per prompt it is run with (`samples_per_prompt`;
 above 1 it needs a group of at least 2), whether it needs the grader's rewards (`needs_rewards`), and whether
 gradients flow through the forward KL or the student's entropy (otherwise they are computed without one).
+`diagnostics=False` makes the core compute only what the loss needs (see `Objective`), which is what a plain
+objective costs without this project's per-position diagnostics.
 
 Adding an objective is one module that calls `register(Objective(...))` (plus a config field if it has a
 coefficient). Objectives take the loss config as a plain object: nothing here imports eopd_ray.config.
@@ -79,6 +81,16 @@ def fkl_coef(cfg: Any) -> float:
 
 @dataclass(frozen=True)
 class Objective:
+    """An objective's functions and declared properties (module doc).
+
+    diagnostics (default True): the core also computes, for every objective, the top-k forward KL at every
+    position and the student's entropy, for the `fkl/*` and `student/entropy` metrics (so OPD runs can be
+    compared with EOPD). False: the top-k gather and the forward KL only if the objective `trains_fkl`, the
+    student's entropy only if it `trains_entropy` or `reads_entropy`, and those metrics are left out; an
+    objective that does not train the forward KL then adds no forward-KL term (with diagnostics on it is a
+    constant without gradient). `dataclasses.replace(get_objective("opd"), diagnostics=False)` is plain OPD.
+    reads_entropy: its functions read `student_entropy_BT` without training through it (advantage shaping)."""
+
     name: str
     doc: str  # one line, printed with the list of objectives
     advantages: Callable[[LossInputs, Any], torch.Tensor] = teacher_advantages
@@ -88,6 +100,8 @@ class Objective:
     fkl_coef: Callable[[Any], float] = fkl_coef
     trains_fkl: bool = False
     trains_entropy: bool = False
+    reads_entropy: bool = False
+    diagnostics: bool = True
     samples_from_teacher: bool = False
     samples_per_prompt: int = 1
     needs_rewards: bool = False
