@@ -7,6 +7,9 @@ For a model M and the teacher T, on held-out prompts (per token, averaged over a
 - the teacher's NLL of M's samples, -log p_T(x_t), and the teacher's entropy there;
 - distinct n-grams across the k samples of a prompt.
 
+Under a teacher context of its own (teacher.prompt_template / system_prompt) every sample is read by the
+teacher after the teacher's prompt and by M after the student's prompt, as in training (`Samples`).
+
 Every distribution is a log-softmax over the shared real vocabulary (the first `vocab` ids), in float64, from
 the models' own logits. At a 135M model and 50k tokens this is cheap; at 8B and 150k it is a GPU job, and
 `eval.fidelity=false` turns it off.
@@ -14,7 +17,7 @@ the models' own logits. At a 135M model and 50k tokens this is cheap; at 8B and 
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +54,20 @@ def response_logprobs(model, prompts: Sequence[np.ndarray], responses: Sequence[
             yield logp_BRV[i, :len(r)]
 
 
+class Samples(NamedTuple):
+    """Sampled responses and the prompts they follow, in the student's and in the teacher's context.
+
+    prompts: (P_i,) ids the model measured reads; responses: (R_i,) ids; teacher_prompts: (P'_i,) ids the
+    teacher reads (None: `prompts`, the default context). A plain (prompts, responses) pair is taken too."""
+
+    prompts: Sequence[np.ndarray]
+    responses: Sequence[np.ndarray]
+    teacher_prompts: Sequence[np.ndarray] | None = None
+
+    def teacher_side(self) -> Sequence[np.ndarray]:
+        return self.prompts if self.teacher_prompts is None else self.teacher_prompts
+
+
 def kl_R(logp_a_RV: torch.Tensor, logp_b_RV: torch.Tensor) -> torch.Tensor:
     """(R,) KL(a || b) = sum_v p_a (log p_a - log p_b) per position (0 * log 0 counted as 0)."""
     p_a = logp_a_RV.exp()
@@ -67,26 +84,30 @@ def _mean(parts: list[torch.Tensor]) -> float | None:
     return float(flat.mean()) if flat.numel() else None
 
 
-def fidelity(model, teacher, own: tuple[list, list], teacher_samples: tuple[list, list] | None, vocab: int,
-             tau: float, batch_size: int = 8) -> dict:
-    """Fidelity of `model` to `teacher` (module docstring). own / teacher_samples: (prompt id arrays, response id
-    arrays) sampled from the model and from the teacher. Means are over response tokens; None where no token."""
+def fidelity(model, teacher, own, teacher_samples, vocab: int, tau: float, batch_size: int = 8) -> dict:
+    """Fidelity of `model` to `teacher` (module docstring). own / teacher_samples: `Samples` (or (prompt id
+    arrays, response id arrays) pairs) sampled from the model and from the teacher; the model reads each after
+    `prompts`, the teacher after `teacher_prompts`. Means are over response tokens; None where no token."""
+    own = Samples(*own)
     rkl, nll, t_ent = [], [], []
-    own_m = response_logprobs(model, *own, vocab, batch_size)
-    # the teacher against itself: one forward (its KLs are exactly 0)
-    pairs = ((lp, lp) for lp in own_m) if model is teacher else zip(own_m, response_logprobs(teacher, *own, vocab,
-                                                                                            batch_size))
-    for resp, (lp_m_RV, lp_t_RV) in zip(own[1], pairs):
+    # the teacher against itself: one forward in its own context (its KLs are exactly 0)
+    own_m = response_logprobs(model, own.teacher_side() if model is teacher else own.prompts, own.responses, vocab,
+                              batch_size)
+    pairs = ((lp, lp) for lp in own_m) if model is teacher else \
+        zip(own_m, response_logprobs(teacher, own.teacher_side(), own.responses, vocab, batch_size))
+    for resp, (lp_m_RV, lp_t_RV) in zip(own.responses, pairs):
         ids_R = torch.as_tensor(np.asarray(resp, dtype=np.int64))
         rkl.append(kl_R(lp_m_RV, lp_t_RV))
         nll.append(-lp_t_RV.gather(-1, ids_R[:, None])[:, 0])
         t_ent.append(entropy_R(lp_t_RV))
     out = {"reverse_kl": _mean(rkl), "teacher_nll": _mean(nll), "teacher_entropy_on_samples": _mean(t_ent),
-           "response_tokens": int(sum(len(r) for r in own[1]))}
+           "response_tokens": int(sum(len(r) for r in own.responses))}
     if teacher_samples is not None:
+        ts = Samples(*teacher_samples)
         fkl, fkl_gated, gated = [], [], 0
-        pairs = zip(response_logprobs(teacher, *teacher_samples, vocab, batch_size),
-                    response_logprobs(model, *teacher_samples, vocab, batch_size))
+        pairs = zip(response_logprobs(teacher, ts.teacher_side(), ts.responses, vocab, batch_size),
+                    response_logprobs(model, ts.teacher_side() if model is teacher else ts.prompts, ts.responses,
+                                      vocab, batch_size))
         for lp_t_RV, lp_m_RV in pairs:
             f_R = kl_R(lp_t_RV, lp_m_RV)
             high_R = entropy_R(lp_t_RV) >= tau
@@ -95,7 +116,7 @@ def fidelity(model, teacher, own: tuple[list, list], teacher_samples: tuple[list
             gated += int(high_R.sum())
         out.update({"forward_kl": _mean(fkl), "forward_kl_high_entropy": _mean(fkl_gated),
                     "teacher_high_entropy_positions": gated,
-                    "teacher_sample_tokens": int(sum(len(r) for r in teacher_samples[1]))})
+                    "teacher_sample_tokens": int(sum(len(r) for r in ts.responses))})
     return out
 
 

@@ -128,8 +128,9 @@ def prune_student(cfg: RunConfig, teacher: str, tokenizer, out_dir: Path | None)
 
 
 def load_data(cfg: RunConfig, tokenizer, teacher_tokenizer=None) -> tuple[PromptSampler, list[PromptRecord]]:
-    """(sampler over the training prompts, held-out records), tokenised and length-checked; the training
-    records carry the teacher's own prompt where teacher.prompt_template / system_prompt ask for one."""
+    """(sampler over the training prompts, held-out records), tokenised and length-checked; training and
+    held-out records carry the teacher's own prompt where teacher.prompt_template / system_prompt ask for one
+    (the teacher scores, generates in `kd`, and is evaluated after it)."""
     d = cfg.data
     train = load_rows(d.train_path, d.prompt_key, d.answer_key) if d.train_path else \
         synthetic_rows(d.num_train_problems, d.seed, "train")
@@ -145,17 +146,32 @@ def load_data(cfg: RunConfig, tokenizer, teacher_tokenizer=None) -> tuple[Prompt
                                d.prompt_suffix)
     eval_recs = tokenize_rows(held[:d.num_eval_problems], tokenizer, d.max_prompt_tokens,
                               d.eval_path or "synthetic test split", d.prompt_suffix + d.eval_prompt_suffix)
-    t = cfg.teacher
-    if t.prompt_template == "teacher" or t.system_prompt:
-        renderer = (teacher_tokenizer or tokenizer) if t.prompt_template == "teacher" else tokenizer
-        ids = teacher_prompt_ids([r.prompt + d.prompt_suffix for r in train_recs], renderer, t.system_prompt)
-        for rec, teacher_ids in zip(train_recs, ids):
-            rec.teacher_prompt_ids = None if np.array_equal(teacher_ids, rec.prompt_ids) else teacher_ids
-        at = first_difference(train_recs[0].prompt_ids, ids[0])
+    renderer = attach_teacher_prompts(train_recs, d.prompt_suffix, cfg, tokenizer, teacher_tokenizer)
+    if renderer is not None:
+        attach_teacher_prompts(eval_recs, d.prompt_suffix + d.eval_prompt_suffix, cfg, tokenizer, teacher_tokenizer)
+        rec = train_recs[0]
+        ids = rec.prompt_ids if rec.teacher_prompt_ids is None else rec.teacher_prompt_ids
+        at = first_difference(rec.prompt_ids, ids)
         print("teacher context: " + ("the teacher reads the student's prompts unchanged" if at < 0 else
               f"the teacher's prompt differs from the student's from token {at} on (student: "
-              f"{tokenizer.decode(train_recs[0].prompt_ids[at:at + 8])!r}, teacher: {renderer.decode(ids[0][at:at + 8])!r})"))
+              f"{tokenizer.decode(rec.prompt_ids[at:at + 8])!r}, teacher: {renderer.decode(ids[at:at + 8])!r})"))
     return PromptSampler(train_recs, cfg.trainer.batch_size, d.seed), eval_recs
+
+
+def attach_teacher_prompts(records: list[PromptRecord], suffix: str, cfg: RunConfig, tokenizer,
+                           teacher_tokenizer=None):
+    """Set each record's `teacher_prompt_ids` ((P',) int32; None where it equals its prompt_ids) as
+    teacher.prompt_template / system_prompt render it, the question + `suffix` (the suffix its prompt_ids were
+    tokenised with). Returns the tokenizer that rendered them, or None (and changes nothing) when the teacher
+    reads the student's prompts (the defaults)."""
+    t = cfg.teacher
+    if t.prompt_template != "teacher" and not t.system_prompt:
+        return None
+    renderer = (teacher_tokenizer or tokenizer) if t.prompt_template == "teacher" else tokenizer
+    ids = teacher_prompt_ids([r.prompt + suffix for r in records], renderer, t.system_prompt)
+    for rec, teacher_ids in zip(records, ids):
+        rec.teacher_prompt_ids = None if np.array_equal(teacher_ids, rec.prompt_ids) else teacher_ids
+    return renderer
 
 
 def find_checkpoint(resume: str | None) -> Path | None:

@@ -12,7 +12,9 @@ aligned position by position with what the student sampled:
 - `eos_remap` exchanges two end tokens in the responses the teacher reads (and in the top-k ids it returns,
   so the forward-KL target at an end position names the student's own end token).
 
-Both models share one vocabulary (`eopd_ray.vocab`), so ids mean the same thing on both sides.
+Both models share one vocabulary (`eopd_ray.vocab`), so ids mean the same thing on both sides. The teacher's
+prompt is used wherever the teacher reads or writes: when it scores, when it samples (`kd`), when it is
+evaluated, and in the fidelity figures (`eopd_ray/fidelity.py`); the student always reads its own.
 `alignment_report` reads the first step's rollouts and teacher statistics and says whether they look aligned.
 """
 
@@ -79,6 +81,12 @@ def teacher_prompt_ids(prompts: list[str], tokenizer, system_prompt: str) -> lis
     """(P_i,) int32 ids of each prompt (suffix included) as the teacher is to read it."""
     return [np.asarray(tokenizer(render_prompt(tokenizer, p, system_prompt), add_special_tokens=False)["input_ids"],
                        dtype=np.int32) for p in prompts]
+
+
+def teacher_prompts(records) -> list[np.ndarray]:
+    """(P'_i,) per `PromptRecord`: the prompt the teacher reads, its `teacher_prompt_ids` where it carries one,
+    else the student's `prompt_ids` (the same array: with the defaults nothing differs, not even a copy)."""
+    return [r.prompt_ids if r.teacher_prompt_ids is None else r.teacher_prompt_ids for r in records]
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from eopd_ray.fidelity import distinct_ngrams, diversity, entropy_R, fidelity, kl_R, response_logprobs
+from eopd_ray.fidelity import Samples, distinct_ngrams, diversity, entropy_R, fidelity, kl_R, response_logprobs
 
 VOCAB = 90  # the shared real vocabulary: both models have padded rows past it (97 and 101)
 
@@ -104,18 +104,19 @@ def _lists(lp):
     return [[float(v) for v in row] for row in lp.tolist()]
 
 
-def ref_fidelity(model, teacher, own, teacher_samples, tau):
-    """Python loops over sequences, positions and the vocabulary, float64; token means over all responses."""
+def ref_fidelity(model, teacher, own, teacher_samples, tau, own_tp=None, teacher_tp=None):
+    """Python loops over sequences, positions and the vocabulary, float64; token means over all responses.
+    own_tp / teacher_tp: the prompts the teacher reads each sample after (None: the samples' own prompts)."""
     rkl, nll, ent = [], [], []
-    for p, r in zip(*own):
-        lm, lt = _lists(ref_logprobs(model, p, r)), _lists(ref_logprobs(teacher, p, r))
+    for p, r, tp in zip(*own, own_tp or own[0]):
+        lm, lt = _lists(ref_logprobs(model, p, r)), _lists(ref_logprobs(teacher, tp, r))
         for t in range(len(r)):
             rkl.append(sum(math.exp(a) * (a - b) for a, b in zip(lm[t], lt[t])))
             nll.append(-lt[t][int(r[t])])
             ent.append(-sum(math.exp(b) * b for b in lt[t]))
     fkl, t_ent = [], []
-    for p, r in zip(*teacher_samples):
-        lm, lt = _lists(ref_logprobs(model, p, r)), _lists(ref_logprobs(teacher, p, r))
+    for p, r, tp in zip(*teacher_samples, teacher_tp or teacher_samples[0]):
+        lm, lt = _lists(ref_logprobs(model, p, r)), _lists(ref_logprobs(teacher, tp, r))
         for t in range(len(r)):
             fkl.append(sum(math.exp(b) * (b - a) for a, b in zip(lm[t], lt[t])))
             t_ent.append(-sum(math.exp(b) * b for b in lt[t]))
@@ -176,6 +177,28 @@ def test_fidelity_tau_gate_is_inclusive(models):
     tau = float(ents.sort().values[len(ents) // 2])
     got = fidelity(model, teacher, OWN, TEACHER_SAMPLES, VOCAB, tau, batch_size=3)
     assert got["teacher_high_entropy_positions"] == int((ents >= tau).sum()) == int((ents > tau).sum()) + 1
+
+
+def test_fidelity_reads_the_teacher_after_its_own_prompts(models):
+    """Samples with a teacher's context of its own (teacher.system_prompt / prompt_template): the teacher's
+    log-probs follow the teacher's prompts, the model's its own, on both kinds of samples; a plain pair (or
+    teacher prompts equal to the model's) gives exactly the default figures."""
+    model, teacher = models
+    own_tp = sequences([4, 2, 6, 3, 5, 1, 7], [0] * 7, seed=2)[0]  # other prompts, of other lengths
+    teacher_tp = sequences([3, 6, 2, 5, 4], [0] * 5, seed=3)[0]
+    want = ref_fidelity(model, teacher, OWN, TEACHER_SAMPLES, 0.0, own_tp, teacher_tp)
+    got = fidelity(model, teacher, Samples(*OWN, own_tp), Samples(*TEACHER_SAMPLES, teacher_tp), VOCAB, 0.0,
+                   batch_size=3)
+    default = fidelity(model, teacher, OWN, TEACHER_SAMPLES, VOCAB, 0.0, batch_size=3)
+    for key in ("reverse_kl", "teacher_nll", "teacher_entropy_on_samples", "forward_kl"):
+        assert _close(got[key], want[key]), (key, got[key], want[key])
+        assert abs(got[key] - default[key]) > 1e-3, key  # the context matters at these sizes
+    assert fidelity(model, teacher, Samples(*OWN, OWN[0]), Samples(*TEACHER_SAMPLES, TEACHER_SAMPLES[0]), VOCAB,
+                    0.0, batch_size=3) == default
+    # the teacher against itself reads its samples after its own prompts on both sides: KLs exactly 0
+    self_ = fidelity(teacher, teacher, Samples(*OWN, own_tp), Samples(*TEACHER_SAMPLES, teacher_tp), VOCAB, 0.0)
+    assert self_["reverse_kl"] == 0.0 and abs(self_["forward_kl"]) < 1e-12
+    assert _close(self_["teacher_nll"], want["teacher_nll"])
 
 
 def test_fidelity_of_a_model_to_itself(models):

@@ -23,7 +23,7 @@ from eopd_ray.config import ConfigError, load_config
 from eopd_ray.models import load_tokenizer
 from eopd_ray.run_setup import load_data
 from eopd_ray.teacher_context import (alignment_report, alignment_warning, first_difference, resolve_end_swap,
-                                      swap_ids)
+                                      swap_ids, teacher_prompts)
 
 K = 8
 # the tiny tokenizer's template with a marker the student's lacks: the two renderings differ at token 1
@@ -213,6 +213,117 @@ def test_empty_teacher_table_rows_do_not_break_the_report():
     assert np.isnan(report["align/teacher_logprob_mean"])
 
 
+# ---- the teacher's context beyond scoring: kd's samples, the final evaluation and its fidelity ----------------
+
+SYSTEM = ["data.num_train_problems=16", "trainer.batch_size=8", "trainer.mini_batch_size=4",
+          "data.num_eval_problems=3", "eval.k=2", "teacher.system_prompt=note;"]
+
+
+def _with_note(tok, prompt_ids) -> list[int]:
+    """The tiny template's rendering of a system message: its text right after <bos>, before the question."""
+    return [int(prompt_ids[0]), *tok("note;", add_special_tokens=False)["input_ids"], *prompt_ids[1:].tolist()]
+
+
+def test_held_out_records_carry_the_teachers_prompt_too(ctx):
+    tok = ctx["tok"]
+    suffix = ["data.eval_prompt_suffix= end"]  # the held-out suffix is in both renderings
+    _, held = load_data(load_config(None, SYSTEM + suffix), tok)
+    _, plain = load_data(load_config(None, SYSTEM[:-1] + suffix), tok)
+    assert len(held) == 3 and all(r.teacher_prompt_ids is None for r in plain)
+    for h, p in zip(held, plain):
+        assert np.array_equal(h.prompt_ids, p.prompt_ids)  # the student's prompt is unchanged
+        assert h.teacher_prompt_ids.tolist() == _with_note(tok, p.prompt_ids)
+    assert [x.tolist() for x in teacher_prompts(held)] == [_with_note(tok, p.prompt_ids) for p in plain]
+    assert all(a is r.prompt_ids for a, r in zip(teacher_prompts(plain), plain))  # defaults: the same arrays
+
+
+def test_kd_rollouts_are_sampled_from_the_teachers_prompt(ctx):
+    """Off-policy KD's workers hold the teacher: it samples after its own prompt, the table keeps the student's
+    prompt (what the student trains after) and the teacher's (what the scorer reads)."""
+    recs = load_data(load_config(None, SYSTEM), ctx["tok"])[0].records[:3]
+    worker = RolloutWorker(ctx["teacher"], vocab_size=len(ctx["tok"]), num_threads=2)
+    params = SamplingParams(1.0, 1.0, 16, seed=4)
+    args = ([r.id for r in recs], [r.prompt_ids for r in recs], [r.answer for r in recs], params, 2,
+            [r.teacher_prompt_ids for r in recs])
+    table, _ = worker.rollout(*args, from_teacher_prompt=True)
+    by_hand = worker.engine.generate([t for t in teacher_prompts(recs) for _ in range(2)], params)
+    responses = [r.tolist() for r in list_rows(table.column("response_ids"))]
+    assert responses == [r.tolist() for r in by_hand.response_ids]
+    np.testing.assert_array_equal(np.concatenate(list_rows(table.column("logprobs"))),
+                                  np.concatenate(by_hand.logprobs))
+    assert table.column("prompt_ids").to_pylist() == [r.prompt_ids.tolist() for r in recs for _ in range(2)]
+    assert table.column("teacher_prompt_ids").to_pylist() == [_with_note(ctx["tok"], r.prompt_ids)
+                                                              for r in recs for _ in range(2)]
+    # on-policy workers (the flag off) sample after the student's prompt, as before: other samples
+    student_side, _ = worker.rollout(*args)
+    plain = worker.engine.generate([r.prompt_ids for r in recs for _ in range(2)], params)
+    assert student_side.column("response_ids").to_pylist() == [r.tolist() for r in plain.response_ids]
+    assert student_side.column("response_ids").to_pylist() != responses
+
+
+@torch.no_grad()
+def _by_hand(model, prompt, response, vocab: int) -> torch.Tensor:
+    """(R, vocab) float64 log-probs over the shared vocabulary from one unpadded forward of prompt + response."""
+    ids = torch.as_tensor(np.concatenate([prompt, response]).astype(np.int64))[None]
+    logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1:len(prompt) + len(response) - 1]
+    return torch.log_softmax(logits[:, :vocab].double(), -1)
+
+
+def test_final_evaluation_fidelity_reads_each_sample_in_its_models_context(ctx, tmp_path):
+    """`add_fidelity`, the driver's own code, on real samples of both models (the teacher's drawn after its
+    prompt, as `evaluate(..., as_teacher=True)` draws them): the teacher's log-probs are those of the teacher
+    after the teacher's prompt, the student's after the student's, each from one unpadded forward by hand."""
+    from actors.driver.evaluation import add_fidelity
+    from actors.driver.session import Session
+    from eopd_ray.models import load_causal_lm
+    from eopd_ray.run_setup import resolve_models
+
+    cfg = load_config(None, SYSTEM + [f"model.teacher={ctx['teacher']}", f"model.student={ctx['student']}",
+                                      f"out_dir={tmp_path}"])
+    models, tok = resolve_models(cfg)
+    _, held = load_data(cfg, tok)
+    answers, k, params = [r.answer for r in held], cfg.eval.k, SamplingParams(1.0, 1.0, 12, seed=5)
+    student = RolloutWorker(ctx["student"], vocab_size=models.vocab_size, num_threads=2)
+    teacher = RolloutWorker(ctx["teacher"], vocab_size=models.vocab_size, num_threads=2)
+    results = {"student": student.evaluate([r.prompt_ids for r in held], answers, k, params, return_texts=True),
+               "teacher": teacher.evaluate(teacher_prompts(held), answers, k, params, return_texts=True)}
+    for r in results.values():  # per problem, its k samples (evaluate_on_workers' layout)
+        r["response_ids"] = [r["response_ids"][i * k:(i + 1) * k] for i in range(len(held))]
+    results["student_initial"] = dict(results["student"])  # no step ran: the trained student is the initial one
+    add_fidelity(Session(cfg, models, None, None, None, None), held, results)
+
+    t_model, s_model = (load_causal_lm(p).eval() for p in (ctx["teacher"], ctx["student"]))
+    v = models.vocab_size
+    student_p = [r.prompt_ids for r in held for _ in range(k)]
+    teacher_p = [t for t in teacher_prompts(held) for _ in range(k)]
+
+    def pairs(name):
+        return list(zip(student_p, teacher_p, [x for row in results[name]["response_ids"] for x in row]))
+
+    def nll(prompt, resp):
+        return -_by_hand(t_model, prompt, resp, v).gather(-1, torch.as_tensor(resp.astype(np.int64))[:, None])[:, 0]
+
+    def kl(a, prompt_a, b, prompt_b, resp):  # KL(a || b) per position, each model after its own prompt
+        lp_a, lp_b = _by_hand(a, prompt_a, resp, v), _by_hand(b, prompt_b, resp, v)
+        return (lp_a.exp() * (lp_a - lp_b)).sum(-1)
+
+    def mean(parts):
+        return float(torch.cat(parts).mean())
+
+    own = pairs("student")
+    got = results["student"]["fidelity"]
+    assert got["response_tokens"] == sum(len(r) for *_, r in own) > 0
+    assert got["teacher_nll"] == pytest.approx(mean([nll(t, r) for _, t, r in own]), abs=1e-5)
+    wrong = mean([nll(s, r) for s, _, r in own])  # the teacher read after the student's prompt
+    assert abs(got["teacher_nll"] - wrong) > 1e-2
+    assert got["reverse_kl"] == pytest.approx(mean([kl(s_model, s, t_model, t, r) for s, t, r in own]), abs=1e-5)
+    fkl = mean([kl(t_model, t, s_model, s, r) for s, t, r in pairs("teacher")])
+    assert got["forward_kl"] == pytest.approx(fkl, abs=1e-5)
+    # the teacher's own samples, read by the teacher after its own prompt
+    assert results["teacher"]["fidelity"]["teacher_nll"] == pytest.approx(
+        mean([nll(t, r) for _, t, r in pairs("teacher")]), abs=1e-5)
+
+
 # ---- end to end through Ray: the check in a real run ------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -243,3 +354,53 @@ def test_run_warns_of_a_mismatched_end_token_and_the_remap_fixes_it(trained_mode
     assert "warning: alignment" not in proc.stderr
     assert fixed["align/final_logprob"] > row["align/final_logprob"] + 2
     assert fixed["align/final_logprob"] > fixed["align/other_end_logprob"]
+
+
+@pytest.mark.e2e
+def test_kd_run_samples_and_is_evaluated_in_the_teachers_context(tiny_models, tmp_path):
+    """Through the job, under a teacher-only system prompt: kd's first rollouts and the teacher's final
+    evaluation are what the teacher samples after its own prompt, drawn again here by hand with the run's
+    seeds (and not what it samples after the student's)."""
+    from test_e2e_ray import SMALL, run_job
+
+    from eopd_ray.fidelity import Samples, fidelity
+    from eopd_ray.models import load_causal_lm
+    from eopd_ray.run_setup import resolve_models
+    from eopd_ray.seeds import eval_seed, rollout_seed
+
+    teacher, student = tiny_models
+    extra = ["loss.objective=kd", "teacher.system_prompt=note;", "trainer.max_steps=1", "trainer.save_every=0",
+             "placement.actor_threads=2"]  # the by-hand worker below runs with as many threads
+    run_job(tmp_path / "run", tiny_models, *extra)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["eval"]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+
+    cfg = load_config(None, [*SMALL, *extra, f"model.teacher={teacher}", f"model.student={student}"])
+    models, tok = resolve_models(cfg)
+    sampler, held = load_data(cfg, tok)
+    worker = RolloutWorker(teacher, vocab_size=models.vocab_size, num_threads=2)
+    batch = sampler.next_batch()
+    r = cfg.rollout
+    args = ([x.id for x in batch], [x.prompt_ids for x in batch], [x.answer for x in batch],
+            SamplingParams(r.temperature, r.top_p, r.max_new_tokens, seed=rollout_seed(cfg.trainer.seed, 0, 0)),
+            r.n_samples_per_prompt, [x.teacher_prompt_ids for x in batch])
+    stats = {side: worker.rollout(*args, from_teacher_prompt=side == "teacher")[1] for side in ("teacher", "student")}
+    assert row["rollout/tokens"] == stats["teacher"]["rollout/tokens"] == row["teacher/tokens"]
+    assert row["rollout/entropy"] == pytest.approx(stats["teacher"]["rollout/entropy"], rel=1e-6)
+    assert row["rollout/entropy"] != pytest.approx(stats["student"]["rollout/entropy"], rel=1e-3)
+
+    k, e = cfg.eval.k, cfg.eval
+    params = SamplingParams(e.temperature, e.top_p, r.max_new_tokens, eval_seed(cfg.trainer.seed))
+    answers = [x.answer for x in held]
+    by_hand = worker.evaluate(teacher_prompts(held), answers, k, params, return_texts=True)
+    student_side = worker.evaluate([x.prompt_ids for x in held], answers, k, params, return_texts=True)
+    got = [s["response"] for s in samples if s["model"] == "teacher"]
+    assert got == by_hand["texts"] != student_side["texts"]
+    assert results["teacher"]["correct"] == by_hand["correct"].tolist()
+    # its fidelity figures read those samples after the teacher's prompt too
+    model = load_causal_lm(teacher).eval()
+    own = Samples([x.prompt_ids for x in held for _ in range(k)], by_hand["response_ids"],
+                  [t for t in teacher_prompts(held) for _ in range(k)])
+    want = fidelity(model, model, own, None, models.vocab_size, cfg.loss.tau)
+    assert results["teacher"]["fidelity"]["teacher_nll"] == pytest.approx(want["teacher_nll"], abs=1e-5)

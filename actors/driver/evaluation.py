@@ -14,10 +14,11 @@ from actors.runtime.group import ActorGroup
 from actors.rollout.engine import SamplingParams
 from eopd_ray import checkpoint
 from eopd_ray.evaluation import summarize_correct
-from eopd_ray.fidelity import diversity, fidelity
+from eopd_ray.fidelity import Samples, diversity, fidelity
 from eopd_ray.models import load_causal_lm
 from eopd_ray.seeds import eval_seed
 from eopd_ray.sharding import shard_slices
+from eopd_ray.teacher_context import teacher_prompts
 
 
 def combine_fractions(parts: list[dict]) -> float:
@@ -64,15 +65,18 @@ def evaluate_on_workers(rollouts: ActorGroup, prompt_ids: list, answers: list, k
     return out
 
 
-def evaluate(session: Session, eval_recs: list, model_path: str | None) -> dict:
-    """Avg@k / Pass@k of `model_path` (None: the trained weights the workers hold). A rollout worker that dies
-    leaves, and the evaluation is redone by the others or by replacements given the trained weights."""
+def evaluate(session: Session, eval_recs: list, model_path: str | None, as_teacher: bool = False) -> dict:
+    """Avg@k / Pass@k of `model_path` (None: the trained weights the workers hold); `as_teacher`: the model is
+    the teacher, prompted in its own context (teacher.prompt_template / system_prompt), as when it scores. A
+    rollout worker that dies leaves, and the evaluation is redone by the others or by replacements given the
+    trained weights."""
     cfg = session.cfg
+    prompts = teacher_prompts(eval_recs) if as_teacher else [r.prompt_ids for r in eval_recs]
     params = SamplingParams(cfg.eval.temperature, cfg.eval.top_p, cfg.rollout.max_new_tokens,
                             eval_seed(cfg.trainer.seed))
     while True:
         try:
-            return evaluate_on_workers(session.rollouts, [r.prompt_ids for r in eval_recs],
+            return evaluate_on_workers(session.rollouts, prompts,
                                        [r.answer for r in eval_recs], cfg.eval.k, params,
                                        cfg.eval.high_entropy_threshold, model_path)
         except ACTOR_DIED:
@@ -91,7 +95,7 @@ def evaluate_models(session: Session, eval_recs: list) -> dict:
     results = {"student": evaluate(session, eval_recs, None),
                "student_initial": evaluate(session, eval_recs, session.models.student_path)}
     if session.cfg.eval.teacher:
-        results["teacher"] = evaluate(session, eval_recs, session.models.teacher_path)
+        results["teacher"] = evaluate(session, eval_recs, session.models.teacher_path, as_teacher=True)
     for r in results.values():
         r["diversity/distinct_2"] = diversity(r["response_ids"], 2)
     if session.cfg.eval.fidelity:
@@ -108,13 +112,15 @@ def trained_student_path(session: Session) -> str:
 
 def add_fidelity(session: Session, eval_recs: list, results: dict) -> None:
     """results[name]["fidelity"] for every evaluated model, computed in this (the driver's) process: the models
-    are loaded from their paths, the samples are the evaluation's own."""
+    are loaded from their paths, the samples are the evaluation's own; the teacher reads every sample after the
+    teacher's prompt, the students after their own."""
     cfg, models = session.cfg, session.models
     k = cfg.eval.k
     prompts = [r.prompt_ids for r in eval_recs for _ in range(k)]
+    teacher_side = [p for p in teacher_prompts(eval_recs) for _ in range(k)]
 
     def samples(name):
-        return prompts, [ids for row in results[name]["response_ids"] for ids in row]
+        return Samples(prompts, [ids for row in results[name]["response_ids"] for ids in row], teacher_side)
 
     t0 = time.perf_counter()
     teacher = load_causal_lm(models.teacher_path, cfg.model.teacher_dtype, cfg.model.trust_remote_code).eval()

@@ -43,7 +43,8 @@ def submit_rollouts(session: Session, step: int, prompts: list) -> PendingRollou
     roll = [a.rollout.options(num_returns=2).remote(
         [r.id for r in s], [r.prompt_ids for r in s], [r.answer for r in s],
         SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                       seed=rollout_seed(cfg.trainer.seed, step, i)), n, [r.teacher_prompt_ids for r in s])
+                       seed=rollout_seed(cfg.trainer.seed, step, i)), n, [r.teacher_prompt_ids for r in s],
+        not session.on_policy)  # off-policy KD: the workers hold the teacher, which samples in its own context
         for i, (a, s) in enumerate(zip(workers, shards)) if s]
     return PendingRollout(step, [r[0] for r in roll], [r[1] for r in roll], [len(s) * n for s in shards if s])
 

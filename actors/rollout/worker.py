@@ -52,17 +52,23 @@ class RolloutWorker:
     def ping(self) -> bool:
         return True
 
-    def rollout(self, sample_ids, prompt_ids, answers, params: SamplingParams, n: int = 1, teacher_prompt_ids=None):
+    def rollout(self, sample_ids, prompt_ids, answers, params: SamplingParams, n: int = 1, teacher_prompt_ids=None,
+                from_teacher_prompt: bool = False):
         """Sample n responses per prompt (rows of one prompt are adjacent and share its sample_id).
         teacher_prompt_ids: per prompt, the teacher's own prompt (None where it is the student's), carried in
-        the table for the teacher. Returns (Arrow table of ROLLOUT_SCHEMA, small stats dict)."""
+        the table for the teacher. from_teacher_prompt: the engine holds the teacher (off-policy KD), so it
+        samples after the teacher's prompt where there is one; the table's prompt_ids stay the student's, the
+        context the student trains on those responses in. Returns (Arrow table of ROLLOUT_SCHEMA, small stats
+        dict)."""
         maybe_fail("rollout")
         t0 = time.perf_counter()
         teacher_prompt_ids = teacher_prompt_ids or [None] * len(sample_ids)
         if n > 1:
             sample_ids, prompt_ids, answers, teacher_prompt_ids = (
                 [x for x in xs for _ in range(n)] for xs in (sample_ids, prompt_ids, answers, teacher_prompt_ids))
-        gen, cut = cut_at_padded_ids(self.engine.generate(list(prompt_ids), params), self.vocab_size)
+        source = [t if from_teacher_prompt and t is not None and len(t) else p
+                  for p, t in zip(prompt_ids, teacher_prompt_ids)]
+        gen, cut = cut_at_padded_ids(self.engine.generate(source, params), self.vocab_size)
         texts = self.tokenizer.batch_decode([r.tolist() for r in gen.response_ids], skip_special_tokens=True)
         correct = [grade_response(t, a) for t, a in zip(texts, answers)]
         table = make_rollout_table(sample_ids, prompt_ids, gen.response_ids, gen.logprobs, gen.entropy, correct,
