@@ -249,6 +249,7 @@ class TrainerConfig:
     num_cpus: float = 0.5  # Ray CPUs reserved per student rank
     save_every: int = 8  # checkpoint every N steps (and at the end); a fault replays from the last one
     max_restarts: int = 3  # actor deaths survived by rebuilding the actors from the last checkpoint
+    place_wait_s: float = 600.0  # how long building (or rebuilding) the actors waits for the cluster to place them
     on_nonfinite: str = "skip"  # a NaN/inf loss: `skip` the update (logged with sample ids) or `stop` the run
     seed: int = 0  # rollout sampling and random gates derive their seeds from this and the step
     micro_batch_tokens: int = 0  # per-rank forward/backward budget in prompt+response tokens; 0 = a rank's share at once
@@ -279,6 +280,7 @@ class TrainerConfig:
         _check_range(f"{prefix}.num_cpus", self.num_cpus, lo=0)
         _check_range(f"{prefix}.save_every", self.save_every, lo=0, integer=True)
         _check_range(f"{prefix}.max_restarts", self.max_restarts, lo=0, integer=True)
+        _check_range(f"{prefix}.place_wait_s", self.place_wait_s, lo=0, lo_open=True)
         if self.on_nonfinite not in ("skip", "stop"):
             _fail(f"{prefix}.on_nonfinite", self.on_nonfinite, "skip or stop")
         _check_range(f"{prefix}.seed", self.seed, lo=0, integer=True)

@@ -193,15 +193,16 @@ def _disaggregated(cfg: Any, counts: dict[str, int], cpus: dict[str, float]) -> 
     return PlacementPlan("disaggregated", p.num_nodes, p.gpus_per_node, tuple(slots), bundles)
 
 
-def actor_threads(plan: PlacementPlan, role: str, num_cpus: float, cores: int, override: int = 0) -> int:
-    """Torch threads of one actor of `role`: `override` (placement.actor_threads) when set; else its Ray CPUs
-    (floor, at least 1), so actors that run at once (rollout.overlap, several ranks) do not oversubscribe the
-    cores; an actor on GPUs that reserves under one Ray CPU gets its GPUs' share of the node's `cores`
-    (colocated actors take turns on a GPU, so each gets that GPU's whole share). At most `cores`."""
+def actor_threads(plan: PlacementPlan, role: str, cores: int, override: int = 0) -> int:
+    """Torch threads of one actor of `role`: `override` (placement.actor_threads) when set; else the Ray CPUs its
+    slot in `plan` reserves (floor, at least 1), so actors that run at once (rollout.overlap, several ranks) do
+    not oversubscribe the cores; an actor on GPUs that reserves under one Ray CPU gets its GPUs' share of the
+    node's `cores` (colocated actors take turns on a GPU, so each gets that GPU's whole share). At most `cores`."""
     if override:
         return override
-    threads = max(1, int(num_cpus))
     slots = plan.role(role)
+    num_cpus = slots[0].num_cpus if slots else 1.0
+    threads = max(1, int(num_cpus))
     if num_cpus < 1 and plan.has_gpus and slots and slots[0].gpus:
         threads = max(1, cores * len(slots[0].gpus) // plan.gpus_per_node)
     return min(threads, max(1, cores))

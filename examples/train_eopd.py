@@ -8,7 +8,8 @@
 Build (config, models, data: all checked before Ray starts) -> loop (generate, score, train, sync, log,
 checkpoint; `actors/driver/`) -> evaluate teacher / initial student / trained student -> results.json and
 plots -> clean up. Exit status: 2 bad input, 3 non-finite loss (trainer.on_nonfinite=stop), 4 the engines do
-not hold the student's weights after a sync, 1 too many actor failures.
+not hold the student's weights after a sync, 5 the cluster cannot place the actors (trainer.place_wait_s),
+1 too many actor failures.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from actors.driver.evaluation import evaluate_models  # noqa: E402
 from actors.driver.loop import TooManyRestarts, train  # noqa: E402
 from actors.driver.prepare import open_run, prepare  # noqa: E402
 from actors.driver.session import Session  # noqa: E402
+from actors.runtime.group import PlacementTimeout  # noqa: E402
 from actors.student.trainer import NonFiniteLossError  # noqa: E402
 from actors.sync.check import SyncCheckError  # noqa: E402
 from eopd_ray.evaluation import eval_report  # noqa: E402
@@ -65,10 +67,13 @@ def main(argv=None) -> int:
     init_ray(cfg.ray_address)
     code, session = 0, None  # code: the exit status the trackers record (an escaping exception: failed too)
     try:
-        session = Session.build(run.cfg, run.models, run.ckpt)  # run.cfg: with what the models resolved
-        # ---- loop: generate -> score -> train -> sync -> log -> checkpoint -----------------------------
+        # ---- actors, then the loop: generate -> score -> train -> sync -> log -> checkpoint ------------
         try:
+            session = Session.build(run.cfg, run.models, run.ckpt)  # run.cfg: with what the models resolved
             finished = train(run, session, log, stop_after=args.stop_after)
+        except PlacementTimeout as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return (code := 5)
         except SyncCheckError as exc:
             print(f"error: {exc}; the rollout engines do not hold the student's weights (set "
                   "placement.check_sync=false to skip this check)", file=sys.stderr)

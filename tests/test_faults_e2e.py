@@ -5,6 +5,7 @@ clear error and keeps the last good checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -47,6 +48,25 @@ def test_killed_rollout_and_student_workers_are_recovered(tmp_path, tiny_models,
         assert rb["loss/total"] == pytest.approx(ra["loss/total"], rel=1e-5, abs=1e-7)
     wa, wb = final_weights(clean_run), final_weights(out)
     for k in wa:  # no update applied twice or lost
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+
+
+def test_a_worker_lost_during_the_rebuild_is_caught_and_rebuilt_again(tmp_path, tiny_models, clean_run, monkeypatch):
+    """A student rank dies in step 3; its replacement dies too, while loading step 2's checkpoint (a second
+    node lost while the replacements start). Both losses count as restarts, the second rebuild succeeds, and
+    the run ends with the uninterrupted run's weights."""
+    path = _faults(tmp_path, [{"role": "student", "call": 3}, {"role": "student_load", "call": 1}], monkeypatch)
+    out = tmp_path / "twice"
+    proc = run_job(out, tiny_models, *ARGS)
+    assert json.loads(path.read_text()) == []  # both fired
+    log = proc.stdout + proc.stderr
+    assert re.search(r"\[fault\] \w+ at step 3: .* restart 1/3: rebuilding the actors from \S+step_000002", log)
+    assert re.search(r"\[fault\] \w+ while rebuilding for step 3: .* restart 2/3: rebuilding the actors from "
+                     r"\S+step_000002", log)
+    assert log.count("[fault]") == 2
+    assert [r["step"] for r in json.loads((out / "results.json").read_text())["train"]["metrics"]] == [1, 2, 3, 4]
+    wa, wb = final_weights(clean_run), final_weights(out)
+    for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
 
 

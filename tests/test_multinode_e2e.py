@@ -108,7 +108,7 @@ def cluster():
 class Job:
     """train_eopd.py joined to the cluster, its output in a file (never a pipe that could fill and block it)."""
 
-    def __init__(self, out: Path, tiny_models, cluster: RoleCluster, hold_after: int = 0):
+    def __init__(self, out: Path, tiny_models, cluster: RoleCluster, hold_after: int = 0, extra: tuple = ()):
         teacher, student = tiny_models
         env = _env()
         if hold_after:
@@ -117,7 +117,7 @@ class Job:
             env["EOPD_HOLD_FILE"] = str(self.hold)
         self.out, self.log_path = out, out.parent / f"{out.name}.log"
         cmd = [sys.executable, str(SCRIPT), "--out", str(out), f"model.teacher={teacher}",
-               f"model.student={student}", *SMALL, *ARGS, f"ray_address={cluster.address}"]
+               f"model.student={student}", *SMALL, *ARGS, *extra, f"ray_address={cluster.address}"]
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
@@ -142,14 +142,14 @@ class Job:
     def release(self) -> None:
         self.hold.unlink()
 
-    def finish(self) -> str:
+    def finish(self, expect: int = 0) -> str:
         try:
             self.proc.wait(timeout=WAIT_S)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"the job did not finish within {WAIT_S} s:\n{self.log[-6000:]}")
-        assert self.proc.returncode == 0, f"the job failed ({self.proc.returncode}):\n{self.log[-6000:]}"
+        assert self.proc.returncode == expect, f"the job ended with {self.proc.returncode}:\n{self.log[-6000:]}"
         return self.log
 
     def kill(self) -> None:
@@ -246,3 +246,32 @@ def test_losing_the_student_node_restarts_from_the_last_checkpoint(cluster, clea
     for ra, rb in zip(a, b):
         assert rb["loss/total"] == pytest.approx(ra["loss/total"], rel=1e-5, abs=1e-7), ra["step"]
     _same_weights(clean_run[0], tmp_path / "run")
+
+
+def test_a_lost_node_that_never_returns_stops_the_run_after_the_bounded_wait(cluster, tiny_models, tmp_path):
+    # The student's node goes away for good: the rebuild waits trainer.place_wait_s for a node offering
+    # eopd_student, then the run stops with exit status 5, an error naming the group it could not place and
+    # what the cluster lacks, and step 2's checkpoint as it was written.
+    from eopd_ray import checkpoint
+
+    out = tmp_path / "run"
+    job = Job(out, tiny_models, cluster, hold_after=2, extra=("trainer.place_wait_s=15",))
+    try:
+        job.wait_for("[hold] after step 2")
+        saved = {p.name: p.read_bytes() for p in (out / "checkpoints" / "step_000002" / "hf").iterdir()}
+        cluster.lose("student", graceful=True)
+        job.release()
+        t0 = time.monotonic()
+        log = job.finish(expect=5)
+        waited = time.monotonic() - t0
+    finally:
+        job.kill()
+        cluster.add("student")  # the module's other tests need the pool back
+    assert log.count("[fault]") == 1
+    assert re.search(r"error: actor group 'student' \(1 student actor\(s\)\): the cluster could not place 1 x "
+                     r"\{.*'eopd_student': 0\.001\} within 15 s \(trainer\.place_wait_s\) \(eopd_student: needs "
+                     r"0\.001, the cluster has 0\)", log), log[-3000:]
+    assert "step_000002, is intact: continue with --resume" in log
+    assert waited >= 15
+    assert checkpoint.latest(out / "checkpoints").name == "step_000002"
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints" / "step_000002" / "hf").iterdir()} == saved

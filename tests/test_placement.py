@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -115,15 +116,29 @@ def test_vllm_runs_on_cpu_placement_and_cpu_blocks_share_out_the_cores():
 
 
 def test_actor_threads_follow_the_ray_cpus_or_the_gpu_share():
-    cpu = plan_placement(_cfg())
-    assert [actor_threads(cpu, "student", c, cores=2) for c in (0, 0.5, 1, 1.9, 2, 5)] == [1, 1, 1, 1, 2, 2]
-    assert actor_threads(cpu, "teacher", 0.5, cores=2, override=3) == 3  # placement.actor_threads wins
+    def cpu(c):
+        return plan_placement(_cfg(f"trainer.num_cpus={c}"))
+
+    assert [actor_threads(cpu(c), "student", cores=2) for c in (0, 0.5, 1, 1.9, 2, 5)] == [1, 1, 1, 1, 2, 2]
+    assert actor_threads(cpu(0.5), "teacher", cores=2, override=3) == 3  # placement.actor_threads wins
     dis = plan_placement(_gpu("disaggregated", 1, 8, 2, 2, 2, 2))  # rollout engines on 2 GPUs each
-    assert actor_threads(dis, "student", 0.5, cores=96) == 12  # one GPU of 8: 96 / 8 cores
-    assert actor_threads(dis, "rollout", 0.5, cores=96) == 24
-    assert actor_threads(dis, "rollout", 4, cores=96) == 4  # Ray CPUs, where reserved, decide
+    assert actor_threads(dis, "student", cores=96) == 12  # one GPU of 8: 96 / 8 cores
+    assert actor_threads(dis, "rollout", cores=96) == 24
+    dis4 = plan_placement(_gpu("disaggregated", 1, 8, 2, 2, 2, 2, "rollout.num_cpus=4"))
+    assert actor_threads(dis4, "rollout", cores=96) == 4  # Ray CPUs, where reserved, decide
     col = plan_placement(_gpu("colocated", 1, 4, 4, 4, 4))  # colocated actors take turns on a whole GPU
-    assert actor_threads(col, "teacher", 0.5, cores=32) == 8
+    assert actor_threads(col, "teacher", cores=32) == 8
+
+
+def test_the_driver_sizes_threads_from_the_same_plan_as_the_bundles():
+    """One source: the Ray CPUs in each role's bundles are what the driver's thread count reads."""
+    from actors.driver.build import actor_threads as driver_threads
+
+    cfg = _cfg("trainer.num_cpus=2", "teacher.num_cpus=1", "rollout.num_cpus=0.5")
+    plan = plan_placement(cfg)
+    assert [b["CPU"] for b in plan.bundles["student"]] == [2]
+    assert {r: driver_threads(cfg, r) for r in ("student", "teacher", "rollout")} == \
+        {"student": min(2, len(os.sched_getaffinity(0))), "teacher": 1, "rollout": 1}
 
 
 def test_format_plan_names_every_actor_and_node():

@@ -14,7 +14,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.runtime.group import ActorGroup
+from actors.runtime.group import ActorGroup, wait_placed
 from actors.rollout.actor import RolloutActor
 from actors.teacher.actor import ShardedTeacherActor, TeacherActor
 from actors.student.actor import StudentActor
@@ -51,11 +51,10 @@ def _has_cuda() -> bool:
 
 
 def actor_threads(cfg: RunConfig, role: str) -> int:
-    """Torch threads of one actor of `role` (`eopd_ray.placement.actor_threads`: its Ray CPUs, or its GPU
-    share of this node's cores)."""
-    num_cpus = {"student": cfg.trainer.num_cpus, "teacher": cfg.teacher.num_cpus, "rollout": cfg.rollout.num_cpus}
+    """Torch threads of one actor of `role` on this node (`eopd_ray.placement.actor_threads` of the run's plan:
+    the Ray CPUs the plan reserves for it, or its GPU share of this node's cores)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return placement_threads(plan_placement(cfg), role, num_cpus[role], cores, cfg.placement.actor_threads)
+    return placement_threads(plan_placement(cfg), role, cores, cfg.placement.actor_threads)
 
 
 class SharedPlacement:
@@ -65,22 +64,27 @@ class SharedPlacement:
     def __init__(self, plan: PlacementPlan, ready_timeout_s: float = 600.0):
         bundles = plan.bundles["shared"]
         self.pg = placement_group(bundles, strategy="PACK", name="eopd-colocated")
-        ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)
-        if not ready:
-            remove_placement_group(self.pg)
-            raise RuntimeError(f"colocated placement: the cluster cannot place {len(bundles)} one-GPU bundles "
-                               f"within {ready_timeout_s:.0f} s; check `ray status` and placement.num_nodes / "
-                               "placement.gpus_per_node")
+        wait_placed(self.pg, "colocated placement (every role, one bundle per GPU; check placement.num_nodes / "
+                    "placement.gpus_per_node)", len(bundles), bundles[0], ready_timeout_s)
 
 
 _SHARED: SharedPlacement | None = None  # the colocated group of the current actors (rebuilt after a fault)
 
 
-def _shared(plan: PlacementPlan) -> SharedPlacement:
+def _shared(plan: PlacementPlan, wait_s: float) -> SharedPlacement:
     global _SHARED
     if _SHARED is None:
-        _SHARED = SharedPlacement(plan)
+        _SHARED = SharedPlacement(plan, wait_s)
     return _SHARED
+
+
+def release_shared_placement() -> None:
+    """Remove the colocated placement group if one is held (a build that failed before the student group,
+    which owns it, was made); a no-op otherwise."""
+    global _SHARED
+    if _SHARED is not None:
+        remove_placement_group(_SHARED.pg)
+        _SHARED = None
 
 
 class ColocatedGroup(ActorGroup):
@@ -114,12 +118,12 @@ class ColocatedGroup(ActorGroup):
 def _group(cfg: RunConfig, role: str, actor_cls, n: int, kwargs_for_rank, num_cpus: float) -> ActorGroup:
     plan = plan_placement(cfg)
     if plan.mode == "colocated":
-        return ColocatedGroup(role, actor_cls, n, kwargs_for_rank, _shared(plan), num_cpus, plan.num_gpus(role),
-                              owns_placement=role == "student")
+        return ColocatedGroup(role, actor_cls, n, kwargs_for_rank, _shared(plan, cfg.trainer.place_wait_s), num_cpus,
+                              plan.num_gpus(role), owns_placement=role == "student")
     # CPU: num_gpus is 0 and the bundles are {"CPU": num_cpus}, exactly as before placement existed;
     # placement.node_roles adds the role's pool resource to every bundle (eopd_ray.placement.role_resources).
     return ActorGroup(role, actor_cls, n, kwargs_for_rank, num_cpus=num_cpus, num_gpus=plan.num_gpus(role),
-                      resources=role_resources(cfg, role))
+                      resources=role_resources(cfg, role), ready_timeout_s=cfg.trainer.place_wait_s)
 
 
 def _engine_kwargs(cfg: RunConfig, rank: int) -> dict:

@@ -4,7 +4,8 @@ when a teacher or student worker dies, checkpoints every `trainer.save_every` st
 
 A recipe calls `train(...)` and handles what it raises: `SyncCheckError` (the engines do not hold the
 student's weights) and `NonFiniteLossError` (`trainer.on_nonfinite=stop`); `TooManyRestarts` after
-`trainer.max_restarts` failures. Another loop can be written from the same pieces: `phases.iteration`,
+`trainer.max_restarts` failures; `PlacementTimeout` when a rebuild cannot place the actors within
+`trainer.place_wait_s`. Another loop can be written from the same pieces: `phases.iteration`,
 `Session.admit_rollout_workers`, `save_checkpoint`.
 """
 
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from actors.driver.phases import PendingRollout, iteration
 from actors.driver.session import ACTOR_DIED, Session
+from actors.runtime.group import PlacementTimeout
 from actors.runtime.faults import hold_after
 from actors.student.trainer import NonFiniteLossError
 from eopd_ray import checkpoint
@@ -68,6 +70,33 @@ def restore_ahead(session: Session, ckpt: Path | None) -> None:
                                    [ray.put(s) for s in state["ahead"]["stats"]], [t.num_rows for t in tables])
 
 
+def _rebuild(run: RunSetup, session: Session, exc: BaseException, restarts: int, step: int) -> tuple[int, Path | None]:
+    """Rebuild every actor group from the last complete checkpoint after `exc` (a lost worker), counting each
+    loss against trainer.max_restarts, a loss during the rebuild itself (a second node gone while the
+    replacements start) included. Returns (restarts so far, the checkpoint rebuilt from). Raises TooManyRestarts
+    past the limit, and PlacementTimeout when the cluster cannot place a group within trainer.place_wait_s (a
+    lost node that never comes back); both name the checkpoint, which is left as it was."""
+    t = run.cfg.trainer
+    ckpt = checkpoint.latest(run.out_dir / "checkpoints")
+    when = f"at step {step + 1}"
+    while True:
+        restarts += 1
+        if restarts > t.max_restarts:
+            raise TooManyRestarts(f"{restarts} actor failures (trainer.max_restarts={t.max_restarts}); "
+                                  f"last good checkpoint: {ckpt or 'none'}. Last failure: {exc}") from None
+        tqdm.write(f"[fault] {type(exc).__name__} {when}: {str(exc).splitlines()[0]}; restart "
+                   f"{restarts}/{t.max_restarts}: rebuilding the actors from {ckpt or 'the initial weights'}")
+        try:
+            session.rebuild(ckpt)
+            return restarts, ckpt
+        except ACTOR_DIED as again:
+            exc, when = again, f"while rebuilding for step {step + 1}"
+        except PlacementTimeout as stuck:
+            raise PlacementTimeout(f"{stuck}. The run stopped while rebuilding for step {step + 1}; the last good "
+                                   f"checkpoint, {ckpt or 'none (no step was saved)'}, is intact: continue with "
+                                   f"--resume {run.out_dir} once the cluster can place the group") from None
+
+
 def _report(row: dict, bar: tqdm) -> None:
     bar.update(1)
     bar.set_postfix({"loss": f"{row.get('loss/total', float('nan')):.3f}", "acc": f"{row['rollout/accuracy']:.2f}",
@@ -94,14 +123,7 @@ def train(run: RunSetup, session: Session, log: MetricsLog, stop_after: int = 0)
                 row = iteration(session, step, prompts, next_prompts)
                 row.update({f"data/{k}": v for k, v in sampler_state.items() if k != "seed"})
             except ACTOR_DIED as exc:  # a worker process died: rebuild everything from the last checkpoint
-                restarts += 1
-                ckpt = checkpoint.latest(run.out_dir / "checkpoints")
-                if restarts > t.max_restarts:
-                    raise TooManyRestarts(f"{restarts} actor failures (trainer.max_restarts={t.max_restarts}); "
-                                          f"last good checkpoint: {ckpt or 'none'}. Last failure: {exc}") from None
-                tqdm.write(f"[fault] {type(exc).__name__} at step {step + 1}: {str(exc).splitlines()[0]}; restart "
-                           f"{restarts}/{t.max_restarts}: rebuilding the actors from {ckpt or 'the initial weights'}")
-                session.rebuild(ckpt)
+                restarts, ckpt = _rebuild(run, session, exc, restarts, step)
                 step = restore_driver_state(ckpt, sampler)
                 restore_ahead(session, ckpt)
                 prompts = sampler.next_batch()

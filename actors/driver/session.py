@@ -11,7 +11,8 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
-from actors.driver.build import build_rollouts, build_students, build_teachers, build_weight_sync
+from actors.driver.build import (build_rollouts, build_students, build_teachers, build_weight_sync,
+                                 release_shared_placement)
 from actors.runtime.group import ActorGroup
 from actors.sync.base import WeightSync
 from eopd_ray.config import RunConfig
@@ -48,6 +49,7 @@ class Session:
     sync_checked: bool = False  # the engines' log-probs were compared with the student's after a sync
     ahead: Any = None  # rollout.overlap: the next step's rollouts in flight (phases.PendingRollout)
     aligned: bool = False  # the teacher-context alignment check has run (once per process, at its first step)
+    down: bool = False  # shut down (and not rebuilt since): the groups' actors and placement groups are gone
 
     @property
     def on_policy(self) -> bool:
@@ -56,16 +58,27 @@ class Session:
 
     @classmethod
     def build(cls, cfg: RunConfig, models: ResolvedModels, ckpt: Path | None = None) -> "Session":
-        """Rollout, teacher and student groups; the student (and the rollout copy) restored from `ckpt`."""
+        """Rollout, teacher and student groups; the student (and the rollout copy) restored from `ckpt`. If any
+        step fails (a group the cluster cannot place within trainer.place_wait_s: PlacementTimeout; a worker
+        lost while starting: one of ACTOR_DIED), the groups already built are shut down before it raises, so
+        that nothing holds the cluster's resources for the next try."""
         t0 = time.perf_counter()
-        rollouts, teachers = build_rollouts(cfg, models), build_teachers(cfg, models)
-        students = build_students(cfg, models)
-        session = cls(cfg, models, rollouts, teachers, students, build_weight_sync(cfg, students, rollouts))
-        if ckpt is not None:
-            students.run("load", str(ckpt))
-            if session.on_policy:
-                session.sync.sync()
-        ray.get(rollouts.call("ping") + teachers.call("ping"))
+        built: list[ActorGroup] = []
+        try:
+            for build in (build_rollouts, build_teachers, build_students):
+                built.append(build(cfg, models))
+            rollouts, teachers, students = built
+            session = cls(cfg, models, rollouts, teachers, students, build_weight_sync(cfg, students, rollouts))
+            if ckpt is not None:
+                students.run("load", str(ckpt))
+                if session.on_policy:
+                    session.sync.sync()
+            ray.get(rollouts.call("ping") + teachers.call("ping"))
+        except BaseException:
+            for group in built:
+                group.shutdown()
+            release_shared_placement()
+            raise
         print(f"actors ready in {time.perf_counter() - t0:.1f} s: {len(rollouts)} rollout, {len(teachers)} teacher, "
               f"{len(students)} student rank(s)")
         for line in node_report({"rollout": rollouts, "teacher": teachers, "student": students}):
@@ -73,14 +86,19 @@ class Session:
         return session
 
     def rebuild(self, ckpt: Path | None) -> None:
-        """After a teacher or student worker died: every group anew, the student from `ckpt`."""
+        """After a teacher or student worker died: every group anew, the student from `ckpt`. Raises what
+        `build` raises; the session then holds no actors (shutdown is a no-op) until a rebuild succeeds."""
         self.shutdown()
         fresh = Session.build(self.cfg, self.models, ckpt)
         self.rollouts, self.teachers, self.students, self.sync = fresh.rollouts, fresh.teachers, fresh.students, fresh.sync
         self.sync_checked = False
         self.ahead = None
+        self.down = False
 
     def shutdown(self) -> None:
+        if self.down:
+            return
+        self.down = True
         for group in (self.rollouts, self.teachers, self.students):
             group.shutdown()
 

@@ -5,7 +5,8 @@ EOPD_FAULT_INJECT names a JSON file holding a list of faults such as [{"role": "
 entries of one role fire in order: a worker of that role reaching the `call`-th call (1-based, counted per
 process) of the role's first remaining entry removes that entry from the file (under a file lock), so each
 entry fires exactly once. `maybe_fail(role)` then kills the process with SIGKILL (roles: rollout,
-rollout_eval (evaluation calls), teacher, student); `injected(role)` returns True instead and the caller
+rollout_eval (evaluation calls), teacher, student, student_load (a checkpoint load: the rebuild after a
+fault)); `injected(role)` returns True instead and the caller
 misbehaves (role stale_tied_head: a vLLM weight update leaves the tied output head out, the bug the post-sync
 check must catch). Without the variable both are no-ops costing one dict lookup.
 

@@ -10,6 +10,27 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
+class PlacementTimeout(RuntimeError):
+    """The cluster did not place an actor group's bundles within the wait (trainer.place_wait_s); the message
+    names the group, its bundles and, where the cluster lacks them, the resources it is short of."""
+
+
+def wait_placed(pg, what: str, n: int, bundle: dict, wait_s: float) -> None:
+    """Wait up to `wait_s` for placement group `pg` (`n` x `bundle`) to be placed; else remove it and raise
+    PlacementTimeout naming `what` could not be placed and why, where the cluster's totals tell."""
+    ready, _ = ray.wait([pg.ready()], timeout=wait_s)
+    if ready:
+        return
+    remove_placement_group(pg)
+    totals = ray.cluster_resources()  # alive nodes only: a lost node's resources are gone from it
+    short = [f"{key}: needs {need * n:g}, the cluster has {totals.get(key, 0.0):g}"
+             for key, need in bundle.items() if totals.get(key, 0.0) < need * n]
+    why = f" ({'; '.join(short)})" if short else " (the resources exist but are taken, or no single node has them)"
+    raise PlacementTimeout(f"{what}: the cluster could not place {n} x {bundle} within {wait_s:.0f} s "
+                           f"(trainer.place_wait_s){why}. Check `ray status`; add the missing node(s) or lower "
+                           "the group size")
+
+
 class ActorGroup:
     """`n` actors of `actor_cls`, one per bundle of a placement group.
 
@@ -27,11 +48,7 @@ class ActorGroup:
         bundle = {"CPU": num_cpus} if not num_gpus else {"CPU": num_cpus, "GPU": num_gpus}
         bundle.update(resources or {})
         self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy, name=f"eopd-{name}")
-        ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)
-        if not ready:
-            remove_placement_group(self.pg)
-            raise RuntimeError(f"actor group {name!r}: the cluster cannot place {n} x {bundle} within "
-                               f"{ready_timeout_s:.0f} s; check `ray status` or lower the group size")
+        wait_placed(self.pg, f"actor group {name!r} ({n} {name} actor(s))", n, bundle, ready_timeout_s)
         self._options = dict(num_cpus=num_cpus, num_gpus=num_gpus,
                              runtime_env={"env_vars": env_vars} if env_vars else None)
         self._actor_cls, self._kwargs_for_rank = actor_cls, kwargs_for_rank

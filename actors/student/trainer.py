@@ -398,6 +398,7 @@ class StudentTrainer:
         """Restore a checkpoint saved by any number of ranks at any ZeRO stage; returns its trainer state."""
         from actors.student.state import load_state
 
+        maybe_fail("student_load")  # a worker lost while the actors are being rebuilt (tests/test_faults_e2e.py)
         return load_state(self.engine, self.trainer.zero_stage, ckpt_dir, self.pad_id)
 
     def config(self) -> dict:
