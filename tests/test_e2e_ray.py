@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -186,13 +187,32 @@ def test_every_baseline_runs_two_steps_and_compares(tmp_path, tiny_models):
     summary = json.loads((out / "comparison.json").read_text())
     assert list(summary["methods"]) == ["kd", "grpo", "opd", "entropy_bonus", "advantage_shaping", "full_fkl",
                                         "random_fkl", "eopd"]
+    runs = {m: json.loads((out / m / "results.json").read_text()) for m in summary["methods"]}
     for method, row in summary["methods"].items():
-        run = json.loads((out / method / "results.json").read_text())
+        run = runs[method]
         assert run["config"]["loss"]["objective"] == method and run["train"]["steps_done"] == 2
+        # the table is each run's own evaluation of its trained student, not another run's or a default
+        assert row["avg_at_k"] == pytest.approx(run["eval"]["student"]["avg_at_k"], abs=1e-12), method
+        assert row["pass_at_k"] == pytest.approx(run["eval"]["student"]["pass_at_k"], abs=1e-12), method
         assert 0 <= row["avg_at_k"] <= row["pass_at_k"] <= 1
-    grpo = json.loads((out / "grpo" / "results.json").read_text())
+    # What sets each method apart shows in its metrics, step by step.
+    gates = {m: [r["gate/fraction"] for r in runs[m]["train"]["metrics"]] for m in runs}
+    for m in ("kd", "full_fkl"):  # the forward KL at every position
+        assert gates[m] == [1.0, 1.0], m
+    for m in ("grpo", "opd", "entropy_bonus", "advantage_shaping"):  # no forward KL anywhere
+        assert gates[m] == [0.0, 0.0], m
+        assert all(r["loss/fkl"] == 0.0 for r in runs[m]["train"]["metrics"]), m
+    for r in runs["eopd"]["train"]["metrics"]:  # the gate is exactly the teacher's high-entropy positions
+        assert r["gate/fraction"] == pytest.approx(r["gate/high_entropy_fraction"], abs=1e-12)
+    for r in runs["random_fkl"]["train"]["metrics"]:  # a random gate: it fires somewhere, not everywhere
+        assert 0 < r["gate/fraction"] < 1
+    # kd samples from the teacher: its behaviour log-probs are the teacher's, so the reverse-KL estimate is
+    # float noise; an on-policy student (far from the teacher) has a clearly positive one
+    assert all(abs(r["kl/reverse"]) < 1e-4 for r in runs["kd"]["train"]["metrics"])
+    assert all(r["kl/reverse"] > 1e-2 for r in runs["opd"]["train"]["metrics"])
+    grpo = runs["grpo"]
     assert grpo["config"]["rollout"]["n_samples_per_prompt"] == 8
-    assert grpo["train"]["metrics"][0]["train/tokens"] > 0
+    assert all(r["rollout/responses"] == 8 * 8 and r["train/tokens"] > 0 for r in grpo["train"]["metrics"])
     assert "| EOPD |" in (out / "comparison.md").read_text()
     assert (out / "comparison.png").stat().st_size > 10_000
 
@@ -226,11 +246,39 @@ def test_evaluate_refuses_prompts_longer_than_the_context(tmp_path, tiny_models)
 
 
 def test_auto_resume_continues_a_killed_run(tmp_path, tiny_models):
-    out = tmp_path / "auto"
-    args = ["trainer.max_steps=2", "eval.enabled=false", "auto_resume=true"]
-    first = run_job(out, tiny_models, *args, "--stop-after", "1")
-    assert "auto_resume: no checkpoint" in first.stdout
+    """The job is killed (SIGKILL to its whole process group: the driver and the local Ray it started, as a
+    pod is) after step 1's checkpoint; the same command with auto_resume continues from it, and the run ends
+    with the weights of one never interrupted."""
+    teacher, student = tiny_models
+    args = ["trainer.max_steps=2", "trainer.save_every=1", "eval.enabled=false", "auto_resume=true"]
+    clean, out = tmp_path / "clean", tmp_path / "auto"
+    run_job(clean, tiny_models, *args)
+    hold = tmp_path / "hold"
+    hold.write_text("1")
+    env = dict(_env(), EOPD_HOLD_FILE=str(hold))
+    log_path = tmp_path / "first.log"
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out), f"model.teacher={teacher}", f"model.student={student}",
+           *SMALL, *args]
+    with open(log_path, "w") as log:
+        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while "[hold] after step 1" not in log_path.read_text(errors="replace"):
+            assert first.poll() is None, f"the job ended ({first.returncode}):\n{log_path.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == -signal.SIGKILL
+    assert "auto_resume: no checkpoint" in log_path.read_text()
+    assert not (out / "results.json").exists()
     again = run_job(out, tiny_models, *args)  # what a RayJob retry runs: the same command
     assert "auto_resume: found" in again.stdout and "step_000001" in again.stdout
     results = json.loads((out / "results.json").read_text())
     assert [r["step"] for r in results["train"]["metrics"]] == [1, 2]
+    wa, wb = final_weights(clean), final_weights(out)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
