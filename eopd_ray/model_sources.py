@@ -197,8 +197,14 @@ def resolve_source(spec: str, cache_dir: str | Path | None = None) -> str:
     return spec
 
 
+# What a saved tokenizer leaves in its directory (fast tokenizers, sentencepiece, BPE vocabularies): without one
+# of them transformers may still build an empty tokenizer from the config alone, which fails far later.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def check_hf_dir(path: Path, spec: str) -> None:
-    """A local model directory must hold a config.json and safetensors weights (no pickled .bin files)."""
+    """A local model directory must hold a config.json, tokenizer files and safetensors weights (no pickled
+    .bin files)."""
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"model directory {spec!r} has no config.json; pass a directory saved with "
                                "save_pretrained, a .gguf file, gguf:PACKAGE, a hub name or `tiny`")
@@ -209,3 +215,7 @@ def check_hf_dir(path: Path, spec: str) -> None:
                 f" (only pickled {pickled}, which this project does not unpickle); convert them with "
                 "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)` in a "
                 "process you trust" if pickled else "; save the model with save_pretrained"))
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelSourceError(f"model directory {spec!r} has no tokenizer files (none of {list(TOKENIZER_FILES)}); "
+                               "save the tokenizer next to the weights (`tokenizer.save_pretrained(DIR)`) or copy its "
+                               "files from the model it was trained from")

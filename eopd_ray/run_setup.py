@@ -19,7 +19,7 @@ from eopd_ray.models import architecture_mismatch, load_tokenizer, output_rows
 from eopd_ray.pruning import ensure_pruned_student, format_report
 from eopd_ray.objectives import resolve_logits_chunk
 from eopd_ray.run_io import OutputDirError, check_out_dir
-from eopd_ray.teacher_context import first_difference, resolve_end_swap, teacher_prompt_ids
+from eopd_ray.teacher_context import first_difference, render_prompt, resolve_end_swap, teacher_prompt_ids
 from eopd_ray.tracking import TrackerError
 from eopd_ray.vocab import VocabMismatchError, shared_vocab_size
 
@@ -84,14 +84,23 @@ def _source(spec: str, role: str, tiny: dict, cfg: RunConfig) -> str:
 
 
 def _tokenizer(path: str, role: str, trc: bool):
-    """The tokenizer at `path`, or a setup error naming the model field when it cannot be loaded."""
+    """The tokenizer at `path`, or a setup error naming the model field when it cannot be loaded or its chat
+    template cannot render a user message (tried once here, before any data is read or actor started)."""
     try:
-        return load_tokenizer(path, trc)
+        tok = load_tokenizer(path, trc)
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"model.{role}={path!r}: cannot load its tokenizer ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local HF directory with "
                                "tokenizer files, a .gguf file, gguf:PACKAGE, or a hub name already in the local "
                                "hub cache (nothing is downloaded at run time here)") from None
+    try:
+        render_prompt(tok, "1 + 1 =")
+    except Exception as exc:  # jinja2's TemplateError and whatever a template raises (raise_exception)
+        raise ModelSourceError(f"model.{role}={path!r}: its chat template cannot render a user message "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); fix "
+                               "`chat_template` in its tokenizer_config.json (or chat_template.jinja), or remove it "
+                               "to use raw prompts") from None
+    return tok
 
 
 def resolve_models(cfg: RunConfig, out_dir: Path | None = None):

