@@ -220,6 +220,9 @@ def test_losing_the_rollout_node_redoes_the_step_on_a_new_one(cluster, clean_run
     assert [r["rollout/workers"] for r in rows] == [2, 2, 2, 2]
     for r in rows:  # the replacements sampled with the student's current weights
         assert r["pg/ratio_mean"] == pytest.approx(1.0, abs=1e-4), r["step"]
+    # the post-sync check, done after step 1, runs again for the newcomers in the redone step 3
+    assert [("sync/check_max_abs" in r) for r in rows] == [True, False, True, False]
+    assert rows[2]["sync/check_conclusive"] == 1.0 and rows[2]["sync/check_max_abs"] < 1e-3
     # Step 3 resampled with the same seeds and weights: the same run as the uninterrupted one.
     _same_weights(clean_run[0], tmp_path / "run")
 

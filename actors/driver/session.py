@@ -114,6 +114,7 @@ class Session:
                 ray.get([a.load_model.remote(student_path) for a in joined])
             if self.on_policy or student_path:
                 self.sync.sync()
+            self.sync_checked = False  # the newcomers are checked too: against a reference taken with them in
             tqdm.write(f"[elastic] {len(joined)} rollout worker(s) joined; {len(self.rollouts)} working")
             for line in node_report({"rollout": self.rollouts}):
                 tqdm.write(line)
