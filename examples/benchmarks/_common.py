@@ -4,7 +4,9 @@ Threads: one torch thread by default (`--threads`), the same for every compared 
 
 Timing: compared variants run interleaved (A, B, B, A, A, B, ... the order alternates every repetition)
 after warm-up runs, and a ratio is the median of the per-repetition ratios, so a load change on the machine
-hits both sides of a pair alike. Absolute times are medians. Where the compared variants run in this one
+hits both sides of a pair alike. Repeated figures also carry their spread (`spread_of`: the interquartile
+range of the per-repetition values, min and max), and their verdict is the range's against the target
+(`check_target`: pass / MISS / unclear). Absolute times are medians. Where the compared variants run in this one
 process, the CPU time of the process (`time.process_time`) is recorded too: with one thread it is the
 call's time on a core of its own, which other processes' load hardly changes (`*_cpu_time_ratio` figures
 cross-check the wall-clock ratios).
@@ -125,7 +127,24 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
 
 def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
     """Median over repetitions of num[i] / den[i]."""
-    return median([a / b for a, b in zip(num, den) if b > 0])
+    return median(pair_ratios(num, den))
+
+
+def pair_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """num[i] / den[i] for every repetition i (pairs with den[i] <= 0 left out)."""
+    return [a / b for a, b in zip(num, den) if b > 0]
+
+
+def spread_of(xs: Sequence[float]) -> dict[str, Any]:
+    """The spread of repeated measurements: lower and upper quartile (`low`, `high`: the interquartile range,
+    which one stalled repetition cannot move far), min, max and their count. Quartiles as
+    `statistics.quantiles(method="inclusive")`; with one value all four are that value."""
+    xs = [float(x) for x in xs if math.isfinite(x)]
+    if not xs:
+        return {"low": float("nan"), "high": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0,
+                "kind": "iqr"}
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"low": q[0], "high": q[2], "min": min(xs), "max": max(xs), "n": len(xs), "kind": "iqr"}
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -314,16 +333,45 @@ class Figure:
     unit: str = ""
     target: str | None = None  # "<= 1.05" or ">= 0.9"; None = informational
     note: str = ""
+    spread: dict | None = None  # repeated figures: `spread_of` their repetitions (value: their median)
 
     def passed(self) -> bool | None:
-        return check_target(self.value, self.target)
+        return check_target(self.value, self.target, self.spread)
 
 
-def check_target(value: float, target: str | None) -> bool | None:
-    if not target or value is None or not math.isfinite(value):
-        return None if not target else False
+def check_target(value: float, target: str | None, spread: dict | None = None) -> bool | None:
+    """True (met), False (missed) or None: no target, or (a repeated figure) a spread that straddles it.
+
+    With a spread the verdict is the interquartile range's, not the median's: met when the whole range meets
+    the target, missed when none of it does, else None ("unclear"), so a noisy machine widens the range into
+    "unclear" instead of flipping a verdict either way."""
+    if not target:
+        return None
+    if value is None or not math.isfinite(value):
+        return False
     op, num = target.split()
-    return value <= float(num) if op == "<=" else value >= float(num)
+    bound = float(num)
+
+    def meets(x: float) -> bool:
+        return x <= bound if op == "<=" else x >= bound
+
+    if spread is None:
+        return meets(value)
+    low, high = spread["low"], spread["high"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return False
+    if meets(low) and meets(high):
+        return True
+    if not meets(low) and not meets(high):
+        return False
+    return None
+
+
+def verdict(passed: bool | None, target: str | None) -> str:
+    """The summary's word for a figure: pass / MISS / unclear (a spread across the target) / '' (no target)."""
+    if not target:
+        return ""
+    return {True: "pass", False: "MISS", None: "unclear"}[passed]
 
 
 @dataclass
@@ -337,23 +385,34 @@ class Report:
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # free-form detail kept in the JSON only
 
-    def add(self, name: str, value: float, unit: str = "", target: str | None = None, note: str = "") -> None:
-        self.figures[name] = Figure(float(value), unit, target, note)
+    def add(self, name: str, value: float, unit: str = "", target: str | None = None, note: str = "",
+            spread: dict | None = None) -> None:
+        """A figure. A name with a "/" is a group of its own (`phase/...`): run_all keeps it as it is instead of
+        prefixing the benchmark's name."""
+        self.figures[name] = Figure(float(value), unit, target, note, spread)
+
+    def add_repeated(self, name: str, values: Sequence[float], unit: str = "", target: str | None = None,
+                     note: str = "") -> None:
+        """A figure of repeated measurements: their median, with their spread (`spread_of`)."""
+        self.add(name, median([v for v in values if math.isfinite(v)]), unit, target, note, spread_of(values))
 
     def to_dict(self, elapsed_s: float) -> dict:
+        figures = {}
+        for k, f in self.figures.items():
+            figures[k] = {"value": f.value, "unit": f.unit, "target": f.target, "pass": f.passed(), "note": f.note}
+            if f.spread is not None:
+                figures[k]["spread"] = f.spread
         return {"benchmark": self.benchmark, "machine": machine_info(), "config": self.config,
                 "elapsed_s": round(elapsed_s, 2), "memory_method": MEMORY_METHOD, "notes": self.notes,
-                "figures": {k: {"value": f.value, "unit": f.unit, "target": f.target, "pass": f.passed(),
-                                "note": f.note} for k, f in self.figures.items()},
-                "rows": self.rows, "extra": self.extra}
+                "figures": figures, "rows": self.rows, "extra": self.extra}
 
     def print(self) -> None:
         print(f"\n== {self.benchmark} ==")
         if self.rows:
             print_table(self.rows)
             print()
-        print_table([{"figure": k, "value": fmt(f.value), "unit": f.unit, "target": f.target or "",
-                      "pass": {True: "pass", False: "MISS", None: ""}[f.passed()]}
+        print_table([{"figure": k, "value": fmt(f.value), "spread": spread_text(f.spread), "unit": f.unit,
+                      "target": f.target or "", "pass": verdict(f.passed(), f.target)}
                      for k, f in self.figures.items()])
         for n in self.notes:
             print(f"note: {n}")
@@ -368,6 +427,13 @@ def _json_default(o):
     if hasattr(o, "item"):
         return o.item()
     return str(o)
+
+
+def spread_text(spread: dict | None) -> str:
+    """`low-high (n)` of a repeated figure's interquartile range, '' for a single measurement."""
+    if not spread:
+        return ""
+    return f"{fmt(float(spread['low']))}-{fmt(float(spread['high']))} (n={spread['n']})"
 
 
 def fmt(v: Any) -> str:

