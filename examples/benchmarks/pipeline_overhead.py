@@ -12,9 +12,18 @@ Alone: the same phases with the plain classes in this process (`RolloutWorker.ro
 
 Threads: the headline pass gives every actor, and each phase alone, the product's thread count for its role
 (`actors.driver.build.actor_threads`: the actor's Ray CPUs, at least 1; 1 at the defaults); a second pass
-(`--actor-threads N`, default 1, skipped with --quick; `placement.actor_threads=N`) sets N threads on both
-sides. At the defaults both passes run 1 thread, so their difference is this machine's run-to-run spread.
+(`threads{N}_*` figures; `placement.actor_threads=N`) sets N threads on both sides, N = `--actor-threads`
+(default: every core this process may use). It runs only where N differs from the product's count for some
+role, so the two passes never run the same settings (at the defaults on 2 cores: 1 thread, then 2).
 `--threads` is not used here.
+
+Against the machine's peak (`peak.py`, measured here at each phase's thread count and dtype before the
+passes): the teacher's scoring and the student's training step as achieved FLOP/s, the useful FLOPs of the step
+(`peak.model_flops`: 2 x params x tokens for the teacher's forward, 6 x for the student's forward + backward,
+the output head at response positions only) over the phase's own time inside its actor (`time/teacher`,
+`time/train`), as a fraction of the matmul peak for the phase's dtype: `phase/teacher_scoring_peak_fraction`
+(target >= 0.5) and `phase/student_train_peak_fraction` (target >= 0.4), headline pass, median over steps with
+their spread; the same for the phases alone in `rows`.
 
 Both pipelines start from the same weights and see the same prompts and seeds, so they do the same work
 step by step (the losses are compared as a check). Steps alternate Ray / alone (order flipped every step)
@@ -24,9 +33,11 @@ after one warm-up step each; the figure is the median over steps of (Ray step) /
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import _common as C  # noqa: E402  (sets sys.path and the Ray environment)
+import peak  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -40,6 +51,7 @@ def run_pass(ctx: dict, threads: dict, actor_threads: int | None) -> dict:
     from actors.runtime.dist import free_port
     from actors.student.trainer import StudentTrainer
     from actors.teacher.scorer import TeacherScorer
+    from eopd_ray.batch import list_rows, teacher_prompt_rows
 
     cfg, models, batches, params = ctx["cfg"], ctx["models"], ctx["batches"], ctx["params"]
     if actor_threads:
@@ -81,10 +93,17 @@ def run_pass(ctx: dict, threads: dict, actor_threads: int | None) -> dict:
         t3 = time.perf_counter()
         worker.update_weights(trainer.export_weights())
         t4 = time.perf_counter()
+        responses = [len(r) for r in list_rows(table.column("response_ids"))]
         return {"rollout": t1 - t0, "score": t2 - t1, "train": t3 - t2, "sync": t4 - t3, "step": t4 - t0,
-                "loss": train["loss/total"], "tokens": stats["rollout/tokens"]}
+                "loss": train["loss/total"], "tokens": stats["rollout/tokens"],
+                # what each phase computes over (the Ray side does the same work: checked by the losses)
+                "counts": {"positions": sum(responses),
+                           "teacher_tokens": sum(len(p) for p in teacher_prompt_rows(table)) + sum(responses),
+                           "student_tokens": sum(len(p) for p in list_rows(table.column("prompt_ids")))
+                           + sum(responses)}}
 
-    res = {"ray": [], "alone": [], "build_s": build_s}
+    res = {"ray": [], "alone": [], "build_s": build_s,
+           "params": {"teacher": peak.matmul_params(scorer.model), "student": peak.matmul_params(trainer.engine.module)}}
     try:
         for step in range(len(batches)):
             for name in (["ray", "alone"] if step % 2 == 0 else ["alone", "ray"]):
@@ -92,6 +111,31 @@ def run_pass(ctx: dict, threads: dict, actor_threads: int | None) -> dict:
     finally:
         actors.shutdown()
     return res
+
+
+def phase_fractions(report: C.Report, res: dict, threads: dict, peaks: dict, dtypes: dict) -> None:
+    """Achieved FLOP/s of teacher scoring and student training, and their fraction of the matching matmul peak
+    (module doc); steps after the first, Ray in-actor times as the figures, the phases alone as a row."""
+    r, a = res["ray"][1:], res["alone"][1:]
+    phases = {"teacher_scoring": ("teacher", "score", "teacher_tokens", False),
+              "student_train": ("student", "train", "student_tokens", True)}
+    row = {"pipeline": "achieved GFLOP/s: in actor / alone (peak)"}
+    for name, (role, ph, tok_key, backward) in phases.items():
+        flops = [peak.model_flops(res["params"][role], x["counts"][tok_key], x["counts"]["positions"], backward)
+                 for x in a]
+        pk = peaks[(threads[role], dtypes[role])]
+        in_actor = [f / x["in_actor"][ph] / 1e9 for f, x in zip(flops, r)]
+        alone = [f / x[ph] / 1e9 for f, x in zip(flops, a)]
+        what = (f"{'6' if backward else '2'} x params x tokens over the {role} actor's own time, "
+                f"{dtypes[role]} matmul peak {pk:.1f} GFLOP/s at {threads[role]} thread(s), this run")
+        report.add_repeated(f"phase/{name}_gflops", in_actor, "GFLOP/s", note=what)
+        report.add_repeated(f"phase/{name}_peak_fraction", [g / pk for g in in_actor], "",
+                            ">= 0.5" if role == "teacher" else ">= 0.4", note=what)
+        report.add_repeated(f"{name}_alone_peak_fraction", [g / pk for g in alone], "",
+                            note=f"the same for the {role}'s phase alone in one process")
+        row[f"{name}_gflops"] = f"{C.fmt(C.median(in_actor))} / {C.fmt(C.median(alone))} ({C.fmt(pk)})"
+    row["params"] = {role: list(res["params"][role]) for role in ("teacher", "student")}
+    report.rows.append(row)
 
 
 def summarize(report: C.Report, prefix: str, res: dict, threads: dict) -> None:
@@ -136,7 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=0, help="response length cap (default 40; quick 16)")
     p.add_argument("--actor-threads", type=int, default=0,
                    help="also run a diagnostic pass with every actor (and the lone process) at N torch threads "
-                        "(default: N = 1 except with --quick)")
+                        "(default: every core; skipped where N is the product's count for every role)")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     q = args.quick
@@ -176,13 +220,24 @@ def main(argv=None) -> int:
     ray = C.init_local_ray()
     ctx = dict(cfg=cfg, models=models, batches=batches, params=params, ray=ray)
     passes = [("", product_threads, None)]  # headline: the product's setting, on both sides
-    if args.actor_threads or not q:
-        n = args.actor_threads or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = args.actor_threads or cores
+    if set(product_threads.values()) != {n}:
         passes.append((f"threads{n}_", dict.fromkeys(product_threads, n), n))
+    else:
+        report.notes.append(f"no second pass: {n} thread(s) per actor is the product's own setting (the headline)")
+    report.config["passes"] = {prefix or "product": threads for prefix, threads, _ in passes}
+    dtypes = {"teacher": peak.DTYPE_NAMES[cfg.model.teacher_dtype], "student": peak.DTYPE_NAMES[cfg.model.dtype]}
+    C.progress("pipeline_overhead", f"matmul peaks at {sorted(set(product_threads.values()))} thread(s), {dtypes}")
+    peaks = {(t, d): peak.matmul_gflops(d, t, reps=3 if q else 5, budget_s=0.5 if q else 1.0)["value"]
+             for t in set(product_threads.values()) for d in set(dtypes.values())}
+    report.extra["peaks_gflops"] = {f"{d}@{t}": v for (t, d), v in peaks.items()}
     for prefix, local_threads, override in passes:
         C.progress("pipeline_overhead", f"pass {prefix or 'product'}: {local_threads} threads per role")
         res = run_pass(ctx, local_threads, override)
         summarize(report, prefix, res, local_threads)
+        if not prefix:
+            phase_fractions(report, res, local_threads, peaks, dtypes)
     ray.shutdown()
     report.print()
     report.write(args.json, time.perf_counter() - t_start)
