@@ -178,7 +178,13 @@ def attach_teacher_prompts(records: list[PromptRecord], suffix: str, cfg: RunCon
         return None
     renderer = (teacher_tokenizer or tokenizer) if t.prompt_template == "teacher" else tokenizer
     ids = teacher_prompt_ids([r.prompt + suffix for r in records], renderer, t.system_prompt)
+    limit = cfg.data.max_prompt_tokens  # the engines' context (rollout.max_model_len) assumes it of every prompt
     for rec, teacher_ids in zip(records, ids):
+        if len(teacher_ids) > limit:
+            raise DataError(f"row id {rec.id}: the teacher's prompt has {len(teacher_ids)} tokens ({len(rec.prompt_ids)} "
+                            f"as the student reads it; teacher.prompt_template={t.prompt_template!r}, "
+                            f"teacher.system_prompt of {len(t.system_prompt)} characters), over "
+                            f"data.max_prompt_tokens={limit}; raise data.max_prompt_tokens or shorten the system prompt")
         rec.teacher_prompt_ids = None if np.array_equal(teacher_ids, rec.prompt_ids) else teacher_ids
     return renderer
 

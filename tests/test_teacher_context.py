@@ -9,6 +9,7 @@ instruct teacher ends with `<|im_end|>` where a Base student ends with `<|endoft
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -235,6 +236,21 @@ def test_held_out_records_carry_the_teachers_prompt_too(ctx):
         assert h.teacher_prompt_ids.tolist() == _with_note(tok, p.prompt_ids)
     assert [x.tolist() for x in teacher_prompts(held)] == [_with_note(tok, p.prompt_ids) for p in plain]
     assert all(a is r.prompt_ids for a, r in zip(teacher_prompts(plain), plain))  # defaults: the same arrays
+
+
+def test_a_teachers_prompt_over_the_limit_is_refused_naming_the_row(ctx):
+    from eopd_ray.data import DataError
+
+    tok = ctx["tok"]
+    longest = max(len(r.prompt_ids) for r in load_data(load_config(None, SYSTEM[:-1]), tok)[0].records)
+    # the student's prompts fit exactly; the teacher's, a system message longer, do not
+    limit = [f"data.max_prompt_tokens={longest}"]
+    load_data(load_config(None, SYSTEM[:-1] + limit), tok)
+    with pytest.raises(DataError, match=rf"over data.max_prompt_tokens={longest}; raise") as err:
+        load_data(load_config(None, SYSTEM + limit), tok)
+    m = re.match(r"row id (\d+): the teacher's prompt has (\d+) tokens \((\d+) as the student reads it", str(err.value))
+    n_note = len(tok("note;", add_special_tokens=False)["input_ids"])
+    assert m and int(m[2]) == int(m[3]) + n_note > longest, str(err.value)
 
 
 def test_kd_rollouts_are_sampled_from_the_teachers_prompt(ctx):
