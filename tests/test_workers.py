@@ -187,6 +187,33 @@ def test_weight_sync_reaches_the_rollout_engine(setup, trainer):
     worker.load_model(setup["student"])  # leave the shared worker as other tests expect it
 
 
+def test_object_store_arrays_become_the_engines_weights_without_a_copy(setup, trainer):
+    """Read-only arrays (what ray.get gives: views of the node's shared memory) are adopted as the engine's
+    parameters; writable ones (a live tensor's, in-process) are copied, so the engine never aliases the student;
+    the broadcast path, which writes into the parameters, first takes them back as private copies."""
+    from actors.rollout.hf_engine import TransformersEngine
+
+    tr, _, _ = trainer
+    engine = TransformersEngine(setup["student"], vocab_size=len(setup["tok"]))
+    frozen = {k: v.copy() for k, v in tr.export_weights().items()}
+    for v in frozen.values():
+        v.flags.writeable = False
+    engine.load_weights(frozen)
+    params = dict(engine.model.named_parameters())
+    assert set(params) <= set(frozen)
+    for name, p in params.items():  # the same memory, not equal copies
+        assert p.data_ptr() == frozen[name].ctypes.data, name
+    live = tr.export_weights()  # writable: views of the student's own parameters
+    engine.load_weights(live)
+    for name, p in dict(engine.model.named_parameters()).items():
+        assert p.data_ptr() != live[name].ctypes.data and torch.equal(p.data, torch.from_numpy(live[name])), name
+    engine.load_weights(frozen)
+    engine._own_parameters()  # what receive_weights does before writing
+    for name, p in dict(engine.model.named_parameters()).items():
+        assert p.data_ptr() != frozen[name].ctypes.data and torch.equal(p.data, torch.from_numpy(frozen[name]))
+        p.data.add_(0.0)  # its own memory now: writing into an adopted view would change the shared copy
+
+
 def test_checkpoint_round_trip(setup, trainer, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -30,13 +30,41 @@ class TransformersEngine(RolloutEngine):
         self.suppress = list(range(self.vocab_size, rows)) or None
 
     def load_weights(self, state: dict[str, np.ndarray]) -> None:
-        with warnings.catch_warnings():
-            # Object-store arrays are read-only; load_state_dict only copies from them.
-            warnings.simplefilter("ignore", UserWarning)
-            tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
-        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
-        if unexpected or [m for m in missing if not _is_tied(self.model, m)]:
+        """Load the student's weights {name: array} (tied weights sent once). Read-only arrays of the engine's
+        dtype (the object store's, float32) become the parameters themselves instead of being copied: they are
+        views of the node's shared memory, so the sync's only copy is the store's own and the engines of one
+        node share one copy of the weights; other arrays are copied. Inference never writes to its weights; the
+        broadcast path, which does, takes its own copies first (`_own_parameters`)."""
+        params = dict(self.model.named_parameters())  # a tied output head appears once, as its embedding
+        buffers = dict(self.model.named_buffers())
+        unexpected = [k for k in state if k not in params and k not in buffers]
+        missing = [k for k in params if k not in state]
+        if unexpected or missing:
             raise RuntimeError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch.from_numpy on a read-only array warns
+            for name, array in state.items():
+                array = np.asarray(array)
+                src = torch.from_numpy(array)
+                dst = params[name] if name in params else buffers[name]
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise RuntimeError(f"weight sync mismatch: {name} is {tuple(dst.shape)} in the engine, "
+                                       f"{tuple(src.shape)} sent")
+                # read-only: the object store's frozen copy; a writable array may be someone's live tensor
+                # (the student's, called in-process), which the engine must not alias
+                if not array.flags.writeable and name in params and src.dtype == dst.dtype and dst.device.type == "cpu":
+                    dst.data = src
+                    self.adopted = True
+                else:
+                    dst.copy_(src)
+
+    def _own_parameters(self) -> None:
+        """Give every parameter adopted from the object store (read-only memory) a private, writable copy."""
+        if getattr(self, "adopted", False):
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.data = p.data.clone()
+            self.adopted = False
 
     # -- the disaggregated sync's receiving side on CPU (actors/sync/broadcast.py: gloo instead of NCCL) --------
     def init_weight_group(self, addr: str, port: int, rank_offset: int, world_size: int) -> None:
@@ -54,6 +82,7 @@ class TransformersEngine(RolloutEngine):
     def receive_weights(self, metas: list, bucket_bytes: int) -> None:
         from actors.sync.buckets import receive_buckets
 
+        self._own_parameters()
         params = dict(self.model.named_parameters())  # tied weights appear once, as the sender sends them
 
         def load(pairs):  # names and shapes were checked when the group was built (weight_mismatches)
@@ -114,7 +143,3 @@ class TransformersEngine(RolloutEngine):
             out.logprobs.append(logprobs_BT[i, :n].numpy().astype(np.float32))
             out.entropy.append(entropy_BT[i, :n].numpy().astype(np.float32))
         return out
-
-
-def _is_tied(model, name: str) -> bool:
-    return name.endswith("lm_head.weight") and bool(getattr(model.config, "tie_word_embeddings", False))

@@ -372,11 +372,20 @@ class StudentTrainer:
         return state
 
     def export_weights(self) -> dict[str, np.ndarray] | None:
-        """Rank 0: the student weights as numpy arrays for the object-store sync (zero-copy on a node)."""
-        state = self._full_state()
+        """Rank 0: the student weights as float32 numpy arrays for the object-store sync (zero-copy on a node).
+
+        Whole float32 weights on the CPU (ZeRO 0-2) go out as views of the parameters, not copies: Ray copies
+        a call's return value into the object store before the actor runs its next call, so that copy is the
+        only one the sync makes (the engines adopt the store's arrays: TransformersEngine.load_weights)."""
+        module = self.engine.module
+        if self.trainer.zero_stage == 3 or any(p.device.type != "cpu" or p.dtype != torch.float32
+                                               for p in module.parameters()):
+            state = self._full_state()
+        else:
+            state = {k: v.detach() for k, v in module.state_dict().items()} if self.rank == 0 else None
         if state is None:
             return None
-        if getattr(self.engine.module.config, "tie_word_embeddings", False):
+        if getattr(module.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied to the embedding: sending it twice doubles the payload
         return {k: v.to(torch.float32).cpu().numpy() for k, v in state.items()}
 
