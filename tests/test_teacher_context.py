@@ -301,8 +301,8 @@ def test_final_evaluation_fidelity_reads_each_sample_in_its_models_context(ctx, 
     answers, k, params = [r.answer for r in held], cfg.eval.k, SamplingParams(1.0, 1.0, 12, seed=5)
     student = RolloutWorker(ctx["student"], vocab_size=models.vocab_size, num_threads=2)
     teacher = RolloutWorker(ctx["teacher"], vocab_size=models.vocab_size, num_threads=2)
-    results = {"student": student.evaluate([r.prompt_ids for r in held], answers, k, params, return_texts=True),
-               "teacher": teacher.evaluate(teacher_prompts(held), answers, k, params, return_texts=True)}
+    results = {"student": student.evaluate([r.prompt_ids for r in held], answers, k, params),
+               "teacher": teacher.evaluate(teacher_prompts(held), answers, k, params)}
     for r in results.values():  # per problem, its k samples (evaluate_on_workers' layout)
         r["response_ids"] = [r["response_ids"][i * k:(i + 1) * k] for i in range(len(held))]
     results["student_initial"] = dict(results["student"])  # no step ran: the trained student is the initial one
@@ -409,8 +409,8 @@ def test_kd_run_samples_and_is_evaluated_in_the_teachers_context(tiny_models, tm
     k, e = cfg.eval.k, cfg.eval
     params = SamplingParams(e.temperature, e.top_p, r.max_new_tokens, eval_seed(cfg.trainer.seed))
     answers = [x.answer for x in held]
-    by_hand = worker.evaluate(teacher_prompts(held), answers, k, params, return_texts=True)
-    student_side = worker.evaluate([x.prompt_ids for x in held], answers, k, params, return_texts=True)
+    by_hand = worker.evaluate(teacher_prompts(held), answers, k, params)
+    student_side = worker.evaluate([x.prompt_ids for x in held], answers, k, params)
     got = [s["response"] for s in samples if s["model"] == "teacher"]
     assert got == by_hand["texts"] != student_side["texts"]
     assert results["teacher"]["correct"] == by_hand["correct"].tolist()

@@ -43,7 +43,7 @@ def evaluate_on_workers(rollouts: ActorGroup, prompt_ids: list, answers: list, k
     model_path: load this model into every worker first (None = evaluate the weights they hold)."""
     order = [list(range(len(prompt_ids)))[s] for s in shard_slices(len(prompt_ids), len(rollouts))]
     parts = ray.get([a.evaluate.remote([prompt_ids[j] for j in idx], [answers[j] for j in idx], k, params,
-                                       threshold, model_path, True)
+                                       threshold, model_path)
                      for a, idx in zip(rollouts.actors, order) if idx])
     correct = np.zeros((len(prompt_ids), k), dtype=bool)
     texts: list = [None] * len(prompt_ids)

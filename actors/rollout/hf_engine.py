@@ -25,6 +25,7 @@ class TransformersEngine(RolloutEngine):
 
     def load_model(self, path: str) -> None:
         self.model = load_causal_lm(path, self.dtype, self.trust_remote_code).eval()
+        self.adopted = False  # parameters adopted from the object store (load_weights): read-only shared memory
         rows = self.model.get_output_embeddings().weight.shape[0]
         # Padded output rows are no tokens: never sample them (log-probs are over the real ids only).
         self.suppress = list(range(self.vocab_size, rows)) or None
@@ -60,7 +61,7 @@ class TransformersEngine(RolloutEngine):
 
     def _own_parameters(self) -> None:
         """Give every parameter adopted from the object store (read-only memory) a private, writable copy."""
-        if getattr(self, "adopted", False):
+        if self.adopted:
             with torch.no_grad():
                 for p in self.model.parameters():
                     p.data = p.data.clone()

@@ -88,9 +88,10 @@ class RolloutWorker:
         return table, stats
 
     def evaluate(self, prompt_ids, answers, k: int, params: SamplingParams, threshold: float = 1.0,
-                 model_path: str | None = None, return_texts: bool = False) -> dict:
+                 model_path: str | None = None) -> dict:
         """k samples per prompt; returns per-problem correctness (P, k), the generated-token entropies
-        summarised as a high-entropy fraction and a histogram (paper Fig. 3), and optionally every text."""
+        summarised as a high-entropy fraction and a histogram (paper Fig. 3), and every sample (P x k texts,
+        token counts and ids, prompt-major)."""
         maybe_fail("rollout_eval")
         if model_path:
             self.engine.load_model(model_path)
@@ -104,10 +105,9 @@ class RolloutWorker:
                 "num_generated_tokens": generated,
                 "high_entropy_fraction": high_entropy_fraction(gen.entropy, threshold),
                 "entropy_hist": hist.tolist(), "entropy_edges": edges.tolist(),
-                "texts": texts if return_texts else texts[:4],
-                "lengths": [len(r) for r in gen.response_ids] if return_texts else [],
+                "texts": texts, "lengths": [len(r) for r in gen.response_ids],
                 # the sampled ids themselves, for fidelity to the teacher (eopd_ray/fidelity.py)
-                "response_ids": [np.asarray(r, dtype=np.int32) for r in gen.response_ids] if return_texts else []}
+                "response_ids": [np.asarray(r, dtype=np.int32) for r in gen.response_ids]}
 
     def update_weights(self, state: dict[str, np.ndarray]) -> float:
         t0 = time.perf_counter()
