@@ -32,6 +32,9 @@ TEACHER_SCHEMA = pa.schema([
     ("teacher_entropy", pa.list_(pa.float32())),  # (T,)
     ("topk_ids", pa.list_(pa.int32())),  # (T * k,) row-major
     ("topk_logprobs", pa.list_(pa.float32())),  # (T * k,)
+    # (T,) the positions that carry statistics (teacher.tokenizer=cross: a student token with no teacher
+    # counterpart is False and left out of the loss); empty: every position does (one shared tokenizer)
+    ("teacher_mask", pa.list_(pa.bool_())),
 ])
 
 
@@ -61,15 +64,25 @@ def make_rollout_table(sample_ids, prompt_ids, response_ids, logprobs, entropy, 
     ], schema=ROLLOUT_SCHEMA)
 
 
-def make_teacher_table(sample_ids, logprobs, entropy, topk_ids, topk_logprobs) -> pa.Table:
-    """`topk_*` rows are (T_i, k) arrays; they are stored flattened."""
+def make_teacher_table(sample_ids, logprobs, entropy, topk_ids, topk_logprobs, mask=None) -> pa.Table:
+    """`topk_*` rows are (T_i, k) arrays; they are stored flattened. mask: None, or per row a (T_i,) bool array
+    (None or empty where every position carries statistics)."""
+    empty = np.zeros(0, dtype=bool)
+    mask_rows = [empty if m is None else np.asarray(m, dtype=bool) for m in (mask or [None] * len(sample_ids))]
     return pa.Table.from_arrays([
         pa.array(np.asarray(sample_ids, dtype=np.int64)),
         _list_column([np.asarray(x) for x in logprobs], pa.float32()),
         _list_column([np.asarray(x) for x in entropy], pa.float32()),
         _list_column([np.asarray(x).reshape(-1) for x in topk_ids], pa.int32()),
         _list_column([np.asarray(x).reshape(-1) for x in topk_logprobs], pa.float32()),
+        _list_column(mask_rows, pa.bool_()),
     ], schema=TEACHER_SCHEMA)
+
+
+def teacher_mask_rows(teacher: pa.Table, lengths: list[int]) -> list[np.ndarray]:
+    """Per row, the (T_i,) bool positions that carry teacher statistics (all True where the row's mask is empty)."""
+    rows = list_rows(teacher.column("teacher_mask"))
+    return [np.ones(n, dtype=bool) if len(m) == 0 else m for m, n in zip(rows, lengths)]
 
 
 def list_rows(column: pa.ChunkedArray | pa.ListArray) -> list[np.ndarray]:

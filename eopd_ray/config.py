@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from eopd_ray.config_checks import check_placement, check_range as _check_range, coerce as _coerce, fail as _fail
+from eopd_ray.config_checks import check_cross_tokenizer, check_placement, check_range as _check_range, coerce as _coerce, fail as _fail
 from eopd_ray.errors import ConfigError
 from eopd_ray.objectives import Objective, get_objective, objective_names
 from eopd_ray.pruning import PRUNE_METHODS
@@ -208,6 +208,9 @@ class TeacherConfig:
     eos_remap: str = ""  # "": off; "A->B": the teacher reads end token A of a response as B (B as A); "auto": A, B
     # = the student's and the teacher's tokenizer EOS when they differ (Qwen3 Base student, instruct teacher)
     alignment_rows: int = 8  # sampled responses the alignment check reads at the first step (0: no check)
+    # shared: both models use one tokenizer (ids mean the same thing); cross: a teacher of another tokenizer
+    # reads each response re-tokenised from its bytes (docs/cross_tokenizer.md)
+    tokenizer: str = "shared"
 
     def validate(self, prefix: str = "teacher") -> None:
         _check_range(f"{prefix}.num_workers", self.num_workers, lo=1, integer=True)
@@ -230,6 +233,9 @@ class TeacherConfig:
             _fail(f"{prefix}.eos_remap", self.eos_remap, "'', auto, or two tokens as 'STUDENT_END->TEACHER_END'",
                   f"e.g. {prefix}.eos_remap='<|endoftext|>-><|im_end|>'")
         _check_range(f"{prefix}.alignment_rows", self.alignment_rows, lo=0, integer=True)
+        if self.tokenizer not in ("shared", "cross"):
+            _fail(f"{prefix}.tokenizer", self.tokenizer, "shared or cross",
+                  "cross for a teacher whose tokenizer differs from the student's (docs/cross_tokenizer.md)")
 
 
 @dataclass
@@ -417,6 +423,7 @@ class RunConfig:
                   f"at least 2 with loss.objective={self.loss.objective} (its advantages need a group of responses)",
                   f"set rollout.n_samples_per_prompt={group} as in the paper")
         check_placement(self)
+        check_cross_tokenizer(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:

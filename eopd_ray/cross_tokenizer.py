@@ -12,7 +12,7 @@ its statistics are carried back to the student's positions and vocabulary (`docs
    the group's first teacher token. Zero-byte tokens at one offset pair up in order (the student's EOS with
    the teacher's end token). Student tokens inside a group after its head, unpaired zero-byte tokens and
    everything from the group that would reach the first byte the two sides disagree on are masked.
-3. Statistics at the heads (`student_stats`, `cross_teacher_stats`): the log-prob is the group's teacher
+3. Statistics at the heads (`eopd_ray.cross_stats`: `student_stats`, `cross_teacher_stats`): the log-prob is the group's teacher
    log-prob (the sum over its teacher tokens) less the student's own behaviour log-probs of the group's
    other tokens, so the head's log-ratio is the group's; the entropy is the teacher's at the head's decision
    point; the top-k is that distribution mapped onto student ids by equal bytes (`vocab_map`), summed where
@@ -32,9 +32,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from eopd_ray.stats import TokenStats, entropy_from_logprobs
 
 SPACE_MARK = "\u2581"  # SentencePiece's stand-in for a space
 BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # a byte-fallback piece
@@ -80,8 +78,9 @@ def _parts(node: dict | None) -> list[dict]:
 
 @dataclass(frozen=True)
 class Scheme:
-    """How a tokenizer's pieces spell bytes: 'byte_level', or 'sentencepiece' with its space mark and whether
-    `<0xNN>` pieces are raw bytes."""
+    """How a tokenizer's pieces spell bytes: 'byte_level'; 'sentencepiece' with its space mark and whether
+    `<0xNN>` pieces are raw bytes; or 'plain' (a word-level vocabulary joined by a Fuse decoder: each piece is
+    its own text, as in the project's tiny character-level tokenizer)."""
 
     kind: str
     space_mark: str = SPACE_MARK
@@ -105,13 +104,15 @@ def scheme_of(spec: dict, name: str) -> Scheme:
         fallback = any(p.get("type") == "ByteFallback" for p in decoders) or bool(
             (spec.get("model") or {}).get("byte_fallback"))
         return Scheme("sentencepiece", marks[0], fallback)
+    if (spec.get("model") or {}).get("type") == "WordLevel" and [p.get("type") for p in decoders] == ["Fuse"]:
+        return Scheme("plain")
     kinds = {k: [p.get("type") for p in _parts(spec.get(k))] for k in ("decoder", "pre_tokenizer", "normalizer")}
     raise TokenizerSchemeError(
         f"tokenizer {name!r}: cannot map its tokens to bytes (model {(spec.get('model') or {}).get('type')}, "
         f"decoder {kinds['decoder']}, pre-tokenizer {kinds['pre_tokenizer']}, normalizer {kinds['normalizer']}). "
         "Supported: byte-level BPE (a ByteLevel decoder or pre-tokenizer: GPT-2, SmolLM2, Qwen, Llama 3) and "
         "SentencePiece-style pieces (a Metaspace or Replace('▁', ' ') decoder, optionally ByteFallback: "
-        "Llama 2, Gemma)")
+        "Llama 2, Gemma), and word-level pieces joined by a Fuse decoder")
 
 
 class TokenBytes:
@@ -161,7 +162,9 @@ class TokenBytes:
                 raise TokenizerSchemeError(f"tokenizer {self.name!r}: token {token_id} {piece!r} has the character "
                                            f"{err.args[0]!r}, outside the byte-level alphabet") from None
         m = BYTE_PIECE.match(piece) if self.scheme.byte_fallback else None
-        return bytes([int(m.group(1), 16)]) if m else piece.replace(self.scheme.space_mark, " ").encode("utf-8")
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return (piece if self.scheme.kind == "plain" else piece.replace(self.scheme.space_mark, " ")).encode("utf-8")
 
     def __call__(self, ids) -> list[bytes]:
         return [self.of(i) for i in np.asarray(ids).reshape(-1)]
@@ -219,12 +222,21 @@ class ResponseEncoder:
         self._backend = Tokenizer.from_str(json.dumps(spec))
         self._backend.encode_special_tokens = True
         self.end_id = tokenizer.eos_token_id if end_id is None else int(end_id)
-        probe = "A b  c."  # a dummy prefix, a collapsed space or lower-casing shows
+        self._specials: dict[str, int] | None = None
+        # a dummy prefix, a collapsed space or lower-casing shows; characters the vocabulary cannot spell at
+        # all (a character-level tokenizer without capitals) are left out of the probe
+        probe = "".join(c for c in "A b  c." if b"".join(self.bytes(self.encode_text(c))))
         got = b"".join(self.bytes(self.encode_text(probe)))
         if got != probe.encode("utf-8"):
             raise TokenizerSchemeError(f"tokenizer {self.bytes.name!r} changes the text it encodes ({probe!r} -> "
                                        f"{got!r}: a normalizer such as NFKC or lower-casing), so its tokens cannot "
                                        "spell the student's response bytes")
+
+    def special_id(self, piece: str) -> int | None:
+        """The teacher's special token spelled `piece` (a student special of the same content), or None."""
+        if self._specials is None:
+            self._specials = {self.bytes.piece(i): i for i in sorted(self.bytes.special_ids, reverse=True)}
+        return self._specials.get(piece)
 
     def encode_text(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
@@ -235,6 +247,29 @@ class ResponseEncoder:
         if ended and self.end_id is not None:
             ids.append(self.end_id)
         return np.asarray(ids, dtype=np.int32)
+
+
+def retokenize(response_ids, student_bytes: TokenBytes, encoder: ResponseEncoder) -> tuple[np.ndarray, list[bytes]]:
+    """(T,) student response ids -> ((M,) the teacher's ids of the same bytes, with its end token when the
+    response ended with the student's EOS; the student tokens' bytes).
+
+    A special token inside the response (zero bytes) becomes the teacher's special of the same content, the
+    text on each side of it encoded apart, so the two pair up in the alignment; one the teacher lacks is left
+    out (the student position has no counterpart)."""
+    ids = np.asarray(response_ids).reshape(-1)
+    s_bytes = student_bytes(ids)
+    ended = len(ids) > 0 and student_bytes.eos_id is not None and int(ids[-1]) == student_bytes.eos_id
+    body = len(ids) - ended
+    out: list[int] = []
+    start = 0
+    for i in range(body):
+        if int(ids[i]) in student_bytes.special_ids:
+            out += encoder.encode_text(_as_text(b"".join(s_bytes[start:i])))
+            same = encoder.special_id(student_bytes.piece(int(ids[i])))
+            out += [] if same is None else [same]
+            start = i + 1
+    teacher = encoder(b"".join(s_bytes[start:body]), ended=ended)
+    return np.concatenate([np.asarray(out, dtype=np.int32), teacher]), s_bytes
 
 
 @dataclass
@@ -339,145 +374,3 @@ def _preferred(candidates: list[int], piece: str, student: TokenBytes) -> int:
     same = [s for s in candidates if student.piece(s) == piece]
     plain = [s for s in candidates if not BYTE_PIECE.match(student.piece(s))]
     return (same or plain or candidates)[0]
-
-
-@dataclass
-class MappedTopK:
-    """Per row (N,): the top-k of a teacher distribution over student ids, sorted descending; logprobs (N, k)
-    (-inf in slots no student id fills), ids (N, k) int64, unmatched_logprob (N,) the teacher's log-mass on
-    tokens with no student id (-inf when none)."""
-
-    logprobs: torch.Tensor
-    ids: torch.Tensor
-    unmatched_logprob: torch.Tensor
-
-
-def _check_width(width: int, vmap: VocabMap, what: str) -> None:
-    if width != len(vmap.student_of):
-        raise ValueError(f"{what} has {width} teacher ids per row but the vocabulary map covers "
-                         f"{len(vmap.student_of)}; restrict the teacher's log-probs to its real vocabulary")
-
-
-def map_logprobs(logprobs_NV: torch.Tensor, vmap: VocabMap, top_k: int) -> MappedTopK:
-    """From full teacher log-probs (N, V_teacher): the distribution over student ids (teacher mass summed per
-    student id) and its top-k. A one-to-one map returns the teacher's own values, exactly."""
-    _check_width(logprobs_NV.shape[-1], vmap, "logprobs_NV")
-    if not 1 <= top_k <= vmap.student_size:
-        raise ValueError(f"top_k={top_k} must lie in [1, student vocabulary {vmap.student_size}]")
-    dev, dt, n = logprobs_NV.device, logprobs_NV.dtype, logprobs_NV.shape[0]
-    target = torch.as_tensor(vmap.student_of, device=dev)
-    matched = target >= 0
-    x_NM = logprobs_NV[:, matched]
-    index_NM = target[matched].expand(n, -1)
-    peak = torch.full((n, vmap.student_size), NEG_INF, dtype=dt, device=dev).scatter_reduce(1, index_NM, x_NM, "amax")
-    shifted = torch.where(x_NM == NEG_INF, NEG_INF, x_NM - peak.gather(1, index_NM))
-    total = torch.zeros_like(peak).scatter_add_(1, index_NM, shifted.exp())
-    mapped = torch.where(peak == NEG_INF, NEG_INF, peak + total.log())
-    values, ids = mapped.topk(top_k, dim=-1, largest=True, sorted=True)
-    unmatched = torch.logsumexp(logprobs_NV[:, ~matched], dim=-1) if bool((~matched).any()) else \
-        torch.full((n,), NEG_INF, dtype=dt, device=dev)
-    return MappedTopK(values, ids, unmatched)
-
-
-def map_topk(topk_logprobs_NK: torch.Tensor, topk_ids_NK: torch.Tensor, vmap: VocabMap) -> MappedTopK:
-    """From the teacher's top-k only (N, k): each entry moved to its student id, entries landing on one id
-    summed, unmatched ones out of the slots (into unmatched_logprob), re-sorted descending (stably)."""
-    target = torch.as_tensor(vmap.student_of, device=topk_ids_NK.device)
-    if topk_ids_NK.numel() and int(topk_ids_NK.max()) >= len(target):
-        raise ValueError(f"teacher top-k ids reach {int(topk_ids_NK.max())}, outside the vocabulary map "
-                         f"({len(target)} teacher ids)")
-    sid = target[topk_ids_NK.long()]
-    ok = sid >= 0
-    same = (sid.unsqueeze(-1) == sid.unsqueeze(-2)) & ok.unsqueeze(-1) & ok.unsqueeze(-2)  # (N, k, k)
-    lp = topk_logprobs_NK
-    merged = torch.logsumexp(torch.where(same, lp.unsqueeze(-2), NEG_INF), dim=-1)
-    k = lp.shape[-1]
-    earlier = torch.ones(k, k, dtype=torch.bool, device=lp.device).tril(-1)
-    keep = ok & ~(same & earlier).any(-1)  # the first slot of each student id carries the sum
-    values = torch.where(keep, merged, NEG_INF)
-    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
-    ids = torch.where(keep, sid, 0).gather(-1, order)
-    unmatched = torch.logsumexp(torch.where(ok, NEG_INF, lp), dim=-1)
-    return MappedTopK(values.gather(-1, order), ids, unmatched)
-
-
-@dataclass
-class CrossStats:
-    """Teacher statistics at the student's positions, in the arrays of a teacher-table row (`make_teacher_table`):
-    logprobs, entropy (T,) float32; topk_ids (T, k) int32; topk_logprobs (T, k) float32. mask (T,) bool: the
-    positions that carry statistics (elsewhere every value is 0, as padding is; the loss must not read them);
-    unmatched_logprob (T,) float32: the teacher's log-mass at the head's decision point on tokens no student
-    token spells (-inf: none; 0 where masked)."""
-
-    logprobs: np.ndarray
-    entropy: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
-    mask: np.ndarray
-    unmatched_logprob: np.ndarray
-
-    def token_stats(self) -> TokenStats:
-        """The same values as the (T,) / (T, k) torch tensors the loss reads (ids int64)."""
-        return TokenStats(torch.from_numpy(self.logprobs), torch.from_numpy(self.entropy),
-                          torch.from_numpy(self.topk_logprobs), torch.from_numpy(self.topk_ids).long())
-
-
-def student_stats(alignment: Alignment, teacher_token_logprobs: np.ndarray | torch.Tensor,
-                  head_entropy: np.ndarray | torch.Tensor, head_topk: MappedTopK,
-                  student_logprobs: np.ndarray | None = None) -> CrossStats:
-    """Per student position, from the teacher's log-prob of each of its own tokens (num_teacher,) and, at the
-    heads' decision points (`Alignment.head_positions`, H rows), its entropy (H,) and mapped top-k (H, k).
-
-    A head's log-prob is the sum of its group's teacher log-probs, less `student_logprobs` (T,) (the rollout's
-    behaviour log-probs) over the group's other student tokens; without them a head of a group of several
-    student tokens is masked. A head with no student id in its top-k is masked too (no forward-KL target)."""
-    head = alignment.head
-    t, h = len(head), int(head.sum())
-    token_lp = np.asarray(_numpy(teacher_token_logprobs), dtype=np.float64)
-    if len(token_lp) != alignment.num_teacher:
-        raise ValueError(f"{len(token_lp)} teacher log-probs for {alignment.num_teacher} teacher positions")
-    top_lp, top_ids = _numpy(head_topk.logprobs), _numpy(head_topk.ids)
-    if top_lp.shape[0] != h or len(_numpy(head_entropy)) != h:
-        raise ValueError(f"{h} heads but {top_lp.shape[0]} top-k rows and {len(_numpy(head_entropy))} entropies")
-    k = top_lp.shape[-1]
-    starts, stops = alignment.teacher_start[head], alignment.teacher_stop[head]
-    sums = np.array([token_lp[a:b].sum() for a, b in zip(starts, stops)], dtype=np.float64)
-    groups, inner = alignment.group[head], alignment.merged
-    n_groups = int(alignment.group.max()) + 1 if t else 0
-    several = np.bincount(alignment.group[inner], minlength=n_groups)[groups] > 0  # heads with merged tokens
-    valid = np.isfinite(top_lp).any(-1)
-    if student_logprobs is None:
-        valid &= ~several
-    else:
-        slp = np.asarray(student_logprobs, dtype=np.float64)
-        if slp.shape != (t,):
-            raise ValueError(f"student_logprobs has shape {slp.shape}; expected ({t},)")
-        others = np.bincount(alignment.group[inner], weights=slp[inner], minlength=n_groups)
-        sums[several] -= others[groups[several]]
-    rows = np.flatnonzero(head)[valid]
-    out = CrossStats(np.zeros(t, np.float32), np.zeros(t, np.float32), np.zeros((t, k), np.int32),
-                     np.zeros((t, k), np.float32), np.zeros(t, bool), np.zeros(t, np.float32))
-    out.logprobs[rows] = sums[valid]
-    out.entropy[rows] = _numpy(head_entropy)[valid]
-    out.topk_ids[rows] = top_ids[valid]
-    out.topk_logprobs[rows] = top_lp[valid]
-    out.mask[rows] = True
-    out.unmatched_logprob[rows] = _numpy(head_topk.unmatched_logprob)[valid]
-    return out
-
-
-def _numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def cross_teacher_stats(alignment: Alignment, teacher_logprobs_MV: torch.Tensor, teacher_ids, vmap: VocabMap,
-                        top_k: int, student_logprobs: np.ndarray | None = None) -> CrossStats:
-    """`student_stats` from the teacher's full log-probs at every one of its response positions (M, V_teacher)
-    and its response ids (M,): the reference composition of the pieces a chunked scorer runs."""
-    ids = torch.as_tensor(np.asarray(teacher_ids), dtype=torch.long, device=teacher_logprobs_MV.device)
-    if teacher_logprobs_MV.shape[0] != len(ids):
-        raise ValueError(f"{teacher_logprobs_MV.shape[0]} rows of teacher log-probs for {len(ids)} teacher ids")
-    token_lp = teacher_logprobs_MV.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    rows = teacher_logprobs_MV[torch.as_tensor(alignment.head_positions(), device=teacher_logprobs_MV.device)]
-    return student_stats(alignment, token_lp, entropy_from_logprobs(rows), map_logprobs(rows, vmap, top_k),
-                         student_logprobs)

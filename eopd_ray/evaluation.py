@@ -93,7 +93,11 @@ def fidelity_lines(results: dict) -> list[str]:
     lines = []
     for name, r in results.items():
         f = r.get("fidelity")
-        if f:
+        if f and f.get("estimator") == "sequence":  # teacher.tokenizer=cross (eopd_ray.fidelity.cross_fidelity)
+            lines.append(f"fidelity {name:16s} reverse KL {_fmt(f['reverse_kl'])} +- {_fmt(f.get('reverse_kl_stderr'))} "
+                         f"(whole responses, per teacher token) teacher NLL {_fmt(f['teacher_nll'])} nats/teacher token; "
+                         f"distinct-2 {_fmt(r.get('diversity/distinct_2'))}")
+        elif f:
             lines.append(f"fidelity {name:16s} reverse KL {_fmt(f['reverse_kl'])} forward KL "
                          f"{_fmt(f.get('forward_kl'))} (at teacher entropy >= tau: {_fmt(f.get('forward_kl_high_entropy'))}) "
                          f"teacher NLL {_fmt(f['teacher_nll'])} nats/token; distinct-2 {_fmt(r.get('diversity/distinct_2'))}")

@@ -12,7 +12,8 @@ teacher after the teacher's prompt and by M after the student's prompt, as in tr
 
 Every distribution is a log-softmax over the shared real vocabulary (the first `vocab` ids), in float64, from
 the models' own logits. At a 135M model and 50k tokens this is cheap; at 8B and 150k it is a GPU job, and
-`eval.fidelity=false` turns it off.
+`eval.fidelity=false` turns it off. A teacher of another tokenizer (teacher.tokenizer=cross) has no shared
+vocabulary: `cross_fidelity` estimates the reverse KL over whole responses, per teacher token.
 """
 
 from __future__ import annotations
@@ -131,3 +132,37 @@ def diversity(responses_PK: Sequence[Sequence[Sequence[int]]], n: int = 2) -> fl
     """Mean over prompts of `distinct_ngrams` of the prompt's k sampled responses (token ids)."""
     values = [v for v in (distinct_ngrams([list(r) for r in samples], n) for samples in responses_PK) if v is not None]
     return float(np.mean(values)) if values else None
+
+
+def sequence_logprobs(model, prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], vocab: int,
+                      batch_size: int = 2) -> np.ndarray:
+    """(N,) float64 log p(response | prompt): the sum of the model's log-probs of each response's tokens."""
+    out = [float(lp_RV.gather(-1, torch.as_tensor(np.asarray(r, dtype=np.int64))[:, None]).sum())
+           for r, lp_RV in zip(responses, response_logprobs(model, prompts, responses, vocab, batch_size))]
+    return np.asarray(out, dtype=np.float64)
+
+
+def cross_fidelity(model, teacher, own: Samples, teacher_responses: Sequence[np.ndarray], vocab: int,
+                   teacher_vocab: int, batch_size: int = 2) -> dict:
+    """Fidelity to a teacher of another tokenizer (teacher.tokenizer=cross), in the teacher's tokenisation.
+
+    No per-token KL exists between two vocabularies, so the reverse KL is estimated at the level of whole
+    responses, where both models give a probability to the same bytes: on the model's own samples y (each
+    read by the model after `own.prompts` and, as `teacher_responses` ((M_i,) the teacher's ids of the same
+    bytes), by the teacher after `own.teacher_prompts`), KL(p_M || p_T) ~ mean_y [log p_M(y) - log p_T(y)],
+    reported per teacher token (sum over samples / teacher tokens), with its standard error. Each model's
+    probability is that of its own tokenisation of y (the one it sampled, or its encoder's), not the sum over
+    every tokenisation, as in every sequence-level estimate of this kind."""
+    own = Samples(*own)
+    lp_m = sequence_logprobs(model, own.prompts, own.responses, vocab, batch_size)
+    lp_t = sequence_logprobs(teacher, own.teacher_side(), teacher_responses, teacher_vocab, batch_size)
+    n_t = np.asarray([len(r) for r in teacher_responses], dtype=np.float64)
+    tokens = float(n_t.sum())
+    diff = lp_m - lp_t
+    # per teacher token: a ratio estimate; its standard error by the delta method over the N samples
+    rkl = float(diff.sum() / tokens) if tokens else None
+    stderr = float(np.std(diff - rkl * n_t, ddof=1) * np.sqrt(len(diff)) / tokens) if tokens and len(diff) > 1 else None
+    return {"reverse_kl": rkl, "reverse_kl_stderr": stderr,
+            "teacher_nll": float(-lp_t.sum() / tokens) if tokens else None,
+            "estimator": "sequence", "response_tokens": int(sum(len(r) for r in own.responses)),
+            "teacher_tokens": int(tokens)}

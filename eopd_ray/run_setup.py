@@ -21,7 +21,7 @@ from eopd_ray.objectives import resolve_logits_chunk
 from eopd_ray.run_io import OutputDirError, check_out_dir
 from eopd_ray.teacher_context import first_difference, render_prompt, resolve_end_swap, teacher_prompt_ids
 from eopd_ray.tracking import TrackerError
-from eopd_ray.vocab import VocabMismatchError, shared_vocab_size
+from eopd_ray.vocab import VocabMismatchError, real_vocab_size, shared_vocab_size
 
 # What `prepare_run` raises for bad input (the message names the value and the fix); a recipe prints it and
 # exits with status 2 before anything has started.
@@ -42,6 +42,8 @@ class ResolvedModels:
     # set, else the two tokenizers' EOS; and their token strings
     end_ids: tuple[int | None, int | None] = (None, None)
     end_names: tuple[str, str] = ("", "")
+    # teacher.tokenizer=cross: the teacher's own real vocabulary (vocab_size is then the student's); else None
+    teacher_vocab_size: int | None = None
 
 
 @dataclass
@@ -115,12 +117,31 @@ def resolve_models(cfg: RunConfig, out_dir: Path | None = None):
     else:
         student = _source(cfg.model.student, "student", tiny, cfg)
     s_tok = _tokenizer(student, "student", trc)
-    vocab = shared_vocab_size(t_tok, s_tok, output_rows(teacher, trc), output_rows(student, trc))
+    teacher_vocab = None
+    if cfg.teacher.tokenizer == "cross":  # each side's own vocabulary; the teacher's is aligned to it by bytes
+        vocab = real_vocab_size(s_tok, output_rows(student, trc), "student")
+        teacher_vocab = real_vocab_size(t_tok, output_rows(teacher, trc), "teacher")
+        check_cross_tokenizers(s_tok, t_tok)
+    else:
+        vocab = shared_vocab_size(t_tok, s_tok, output_rows(teacher, trc), output_rows(student, trc))
     swap = resolve_end_swap(cfg.teacher.eos_remap, s_tok, t_tok)
-    ends = swap or (s_tok.eos_token_id, t_tok.eos_token_id)
+    # cross: the teacher's top-k comes back in student ids, its EOS mapped onto the student's
+    ends = swap or (s_tok.eos_token_id, s_tok.eos_token_id if teacher_vocab else t_tok.eos_token_id)
     return ResolvedModels(str(teacher), str(student), vocab, s_tok.pad_token_id, end_swap=swap,
                           end_ids=ends, end_names=tuple(s_tok.convert_ids_to_tokens(i) if i is not None else ""
-                                                        for i in ends)), s_tok
+                                                        for i in ends), teacher_vocab_size=teacher_vocab), s_tok
+
+
+def check_cross_tokenizers(student_tok, teacher_tok) -> None:
+    """Both tokenizers' pieces can be read as bytes and the teacher's keeps the text it encodes; else a setup
+    error naming the model and the reason (before any actor starts)."""
+    from eopd_ray.cross_tokenizer import ResponseEncoder, TokenBytes, TokenizerSchemeError
+
+    for role, tok in (("student", student_tok), ("teacher", teacher_tok)):
+        try:
+            TokenBytes(tok) if role == "student" else ResponseEncoder(tok)
+        except TokenizerSchemeError as exc:
+            raise VocabMismatchError(f"model.{role}: teacher.tokenizer=cross cannot use its tokenizer: {exc}") from None
 
 
 def prune_student(cfg: RunConfig, teacher: str, tokenizer, out_dir: Path | None) -> str:

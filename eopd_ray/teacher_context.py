@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from eopd_ray.batch import list_rows
+from eopd_ray.batch import list_rows, teacher_mask_rows
 from eopd_ray.errors import ConfigError
 
 END_GAP_NATS = 2.0  # warn when the other end token is this much more likely than the one the responses end with
@@ -112,11 +112,12 @@ def alignment_report(rollout: pa.Table, teacher: pa.Table, student_end_id: int |
     - prompt_diff_position: first token where the teacher's prompt differs from the student's (-1: same).
     """
     responses = list_rows(rollout.column("response_ids"))
-    logprobs = list_rows(teacher.column("teacher_logprobs"))
+    masks = teacher_mask_rows(teacher, [len(r) for r in responses])  # positions carrying statistics
+    logprobs = [lp[m] for lp, m in zip(list_rows(teacher.column("teacher_logprobs")), masks)]
     topk_ids = [r.reshape(-1, k) for r in list_rows(teacher.column("topk_ids"))]
     topk_lp = [r.reshape(-1, k) for r in list_rows(teacher.column("topk_logprobs"))]
     scored = np.concatenate(logprobs).astype(np.float64) if logprobs else np.zeros(0)
-    ended = [i for i, r in enumerate(responses) if len(r) and r[-1] == student_end_id]
+    ended = [i for i, r in enumerate(responses) if len(r) and r[-1] == student_end_id and masks[i][-1]]
     final = [float(logprobs[i][-1]) for i in ended]
     other = []
     if teacher_end_id is not None and teacher_end_id != student_end_id:

@@ -28,11 +28,17 @@ def shared_vocab_size(teacher_tok, student_tok, teacher_rows: int, student_rows:
             f"only in teacher: {only_t}, only in student: {only_s}, different ids: {moved}). "
             "On-policy distillation scores the student's token ids with the teacher, so both must share a "
             "tokenizer: pick a student of the teacher's family (e.g. Qwen3-8B -> Qwen3-1.7B-Base, "
-            "Llama-3.1-8B-Instruct -> Llama-3.2-3B-Instruct).")
-    n_real = len(teacher_tok)
-    for name, rows in (("teacher", teacher_rows), ("student", student_rows)):
-        if rows < n_real:
-            raise VocabMismatchError(
-                f"the {name} model has {rows} output rows but its tokenizer has {n_real} tokens; "
-                "the checkpoint and tokenizer do not belong together")
+            "Llama-3.1-8B-Instruct -> Llama-3.2-3B-Instruct), or set teacher.tokenizer=cross to align the "
+            "teacher's tokens to the student's by bytes (docs/cross_tokenizer.md).")
+    n_real = real_vocab_size(teacher_tok, teacher_rows, "teacher")
+    real_vocab_size(student_tok, student_rows, "student")
+    return n_real
+
+
+def real_vocab_size(tokenizer, rows: int, name: str) -> int:
+    """The model's real vocabulary, `len(tokenizer)`, or raise when its output head has fewer rows."""
+    n_real = len(tokenizer)
+    if rows < n_real:
+        raise VocabMismatchError(f"the {name} model has {rows} output rows but its tokenizer has {n_real} tokens; "
+                                 "the checkpoint and tokenizer do not belong together")
     return n_real

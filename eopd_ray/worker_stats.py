@@ -48,6 +48,10 @@ WORKER_STATS: dict[str, Reduction] = {
     "teacher/high_entropy_fraction": mean_over("teacher/tokens"),
     "time/teacher": MAX,
     "time/teacher_shards": MAX,
+    # a teacher of another tokenizer (actors/teacher/cross.py): teacher/tokens are then the aligned positions
+    "cross/positions": SUM,
+    "cross/aligned_fraction": mean_over("cross/positions"),
+    "cross/unmatched_mass": mean_over("teacher/tokens"),
 }
 
 

@@ -16,8 +16,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from eopd_ray.config import LossConfig
-from eopd_ray.cross_tokenizer import (ResponseEncoder, TokenBytes, TokenizerSchemeError, align, align_ids,
-                                      cross_teacher_stats, map_topk, student_stats, token_bytes, vocab_map)
+from eopd_ray.cross_stats import cross_teacher_stats, map_topk, student_stats
+from eopd_ray.cross_tokenizer import (ResponseEncoder, TokenBytes, TokenizerSchemeError, align, align_ids, token_bytes,
+                                      vocab_map)
 from eopd_ray.objectives.core import eopd_loss
 from eopd_ray.objectives.terms import fkl_at_topk
 from eopd_ray.stats import token_stats
@@ -475,3 +476,26 @@ def test_smollm2_tokenizer(smollm2, sp):
     mapped = {b for b in range(256) if to_student[b] >= 0}
     assert mapped >= set(range(0x20, 0x7F)) | set(range(0x80, 0xC0)) | set(range(0xC2, 0xF1))
     assert all(sb.of(to_student[b]) == bytes([b]) for b in mapped) and len(mapped) == 235
+
+
+def test_special_tokens_inside_a_response_pair_up_by_content(bl, sp):
+    from eopd_ray.cross_tokenizer import retokenize
+
+    start = bl.convert_tokens_to_ids("<|im_start|>")
+    resp = np.concatenate([bl("the cat", add_special_tokens=False)["input_ids"], [start],
+                           bl(" sat", add_special_tokens=False)["input_ids"], [bl.eos_token_id]])
+    # one tokenizer on both sides: the teacher's ids are the student's, every position its own group
+    same, _ = retokenize(resp, TokenBytes(bl), ResponseEncoder(bl))
+    np.testing.assert_array_equal(same, resp)
+    a = align(TokenBytes(bl)(resp), TokenBytes(bl)(same))
+    assert a.head.all() and (a.teacher_start == np.arange(len(resp))).all()
+    # a teacher without that special: it is left out, its student position unpaired; the text around it
+    # and the end token still align
+    other, s_bytes = retokenize(resp, TokenBytes(bl), ResponseEncoder(sp))
+    assert start not in other and other[-1] == sp.eos_token_id
+    assert b"".join(TokenBytes(sp)(other)) == b"the cat sat"
+    a = align(s_bytes, TokenBytes(sp)(other))
+    i = int(np.flatnonzero(resp == start)[0])
+    assert not a.head[i] and a.group[i] == -1
+    assert a.head[-1] and a.teacher_start[-1] == len(other) - 1  # EOS with the teacher's EOS
+    assert a.head[i + 1]  # the text after the special starts a group again

@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.runtime.group import ActorGroup, wait_placed
 from actors.rollout.actor import RolloutActor
-from actors.teacher.actor import ShardedTeacherActor, TeacherActor
+from actors.teacher.actor import CrossTeacherActor, ShardedTeacherActor, TeacherActor
 from actors.student.actor import StudentActor
 from actors.sync.base import ObjectStoreWeightSync, WeightSync
 from eopd_ray.config import RunConfig
@@ -161,6 +161,10 @@ def build_teachers(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
     common = dict(model_path=models.teacher_path, top_k=cfg.loss.top_k, vocab_size=models.vocab_size,
                   pad_id=models.pad_id, chunk_size=t.chunk_size, dtype=cfg.model.teacher_dtype,
                   trust_remote_code=cfg.model.trust_remote_code, end_swap=models.end_swap)
+    if t.tokenizer == "cross":  # its own vocabulary; the student's tokenizer to align to (zero_stage 0 only)
+        return _group(cfg, "teacher", CrossTeacherActor, t.num_workers, lambda rank: dict(
+            common, vocab_size=models.teacher_vocab_size, student_tokenizer_path=models.student_path,
+            student_vocab_size=models.vocab_size, num_threads=actor_threads(cfg, "teacher")), t.num_cpus)
     if t.zero_stage == 0:
         return _group(cfg, "teacher", TeacherActor, t.num_workers,
                       lambda rank: dict(common, num_threads=actor_threads(cfg, "teacher")), t.num_cpus)

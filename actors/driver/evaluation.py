@@ -13,9 +13,10 @@ from actors.driver.session import ACTOR_DIED, Session
 from actors.runtime.group import ActorGroup
 from actors.rollout.engine import SamplingParams
 from eopd_ray import checkpoint
+from eopd_ray.cross_tokenizer import ResponseEncoder, TokenBytes, retokenize
 from eopd_ray.evaluation import summarize_correct
-from eopd_ray.fidelity import Samples, diversity, fidelity
-from eopd_ray.models import load_causal_lm
+from eopd_ray.fidelity import Samples, cross_fidelity, diversity, fidelity
+from eopd_ray.models import load_causal_lm, load_tokenizer
 from eopd_ray.seeds import eval_seed
 from eopd_ray.sharding import shard_slices
 from eopd_ray.teacher_context import teacher_prompts
@@ -110,6 +111,13 @@ def trained_student_path(session: Session) -> str:
     return str(ckpt / "hf") if ckpt is not None else session.models.student_path
 
 
+def teacher_tokens(models, trust_remote_code: bool):
+    """A function: (T,) student response ids -> (M,) the teacher's ids of the same bytes (teacher.tokenizer=cross)."""
+    student_bytes = TokenBytes(load_tokenizer(models.student_path, trust_remote_code))
+    encoder = ResponseEncoder(load_tokenizer(models.teacher_path, trust_remote_code))
+    return lambda response: retokenize(response, student_bytes, encoder)[0]
+
+
 def add_fidelity(session: Session, eval_recs: list, results: dict) -> None:
     """results[name]["fidelity"] for every evaluated model, computed in this (the driver's) process: the models
     are loaded from their paths, the samples are the evaluation's own; the teacher reads every sample after the
@@ -126,10 +134,16 @@ def add_fidelity(session: Session, eval_recs: list, results: dict) -> None:
     teacher = load_causal_lm(models.teacher_path, cfg.model.teacher_dtype, cfg.model.trust_remote_code).eval()
     teacher_samples = samples("teacher") if "teacher" in results else None
     paths = {"student": trained_student_path(session), "student_initial": models.student_path}
+    retokenized = teacher_tokens(models, cfg.model.trust_remote_code) if models.teacher_vocab_size else None
     for name, path in paths.items():
         model = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
-        results[name]["fidelity"] = fidelity(model, teacher, samples(name), teacher_samples, models.vocab_size,
-                                             cfg.loss.tau)
+        if retokenized is None:
+            results[name]["fidelity"] = fidelity(model, teacher, samples(name), teacher_samples, models.vocab_size,
+                                                 cfg.loss.tau)
+        else:  # teacher.tokenizer=cross: over whole responses, in the teacher's tokens
+            own = samples(name)
+            results[name]["fidelity"] = cross_fidelity(model, teacher, own, [retokenized(r) for r in own.responses],
+                                                       models.vocab_size, models.teacher_vocab_size)
         del model
     if teacher_samples is not None:  # the teacher against itself: both KLs are 0 by definition
         results["teacher"]["fidelity"] = {**fidelity(teacher, teacher, teacher_samples, None, models.vocab_size,

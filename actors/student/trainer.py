@@ -32,7 +32,8 @@ import torch
 
 from actors.runtime.dist import join_process_group, master_address
 from actors.runtime.faults import maybe_fail
-from eopd_ray.batch import SequenceBatch, list_rows, padded_float, padded_topk, sequence_batch
+from eopd_ray.batch import (SequenceBatch, list_rows, pad_rows, padded_float, padded_topk, sequence_batch,
+                            teacher_mask_rows)
 from eopd_ray.config import LossConfig, TrainerConfig
 from eopd_ray.models import load_causal_lm, load_tokenizer, output_head, set_threads
 from eopd_ray.objectives import (Objective, eopd_loss, eopd_loss_from_hidden, get_objective,
@@ -300,10 +301,13 @@ class StudentTrainer:
         """Padded batch tensors of some rows, on this rank's device."""
         k = self.loss_cfg.top_k
         dev = self.device
-        batch = sequence_batch(list_rows(rollout.column("prompt_ids")), list_rows(rollout.column("response_ids")),
-                               self.pad_id)
+        responses = list_rows(rollout.column("response_ids"))
+        batch = sequence_batch(list_rows(rollout.column("prompt_ids")), responses, self.pad_id)
+        # positions the teacher has no statistics for (teacher.tokenizer=cross) are left out of the loss
+        scored_BT = torch.from_numpy(pad_rows(teacher_mask_rows(teacher, [len(r) for r in responses]),
+                                              batch.response_BT.shape[1], False, bool))
         batch = SequenceBatch(*(x.to(dev) for x in (batch.input_ids_BL, batch.attention_mask_BL, batch.response_BT,
-                                                   batch.logit_index_BT, batch.response_mask_BT)))
+                                                   batch.logit_index_BT, batch.response_mask_BT & scored_BT)))
         t_max = batch.response_BT.shape[1]
         teacher_stats = TokenStats(
             logprobs=padded_float(list_rows(teacher.column("teacher_logprobs")), t_max),
