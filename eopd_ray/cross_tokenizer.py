@@ -12,12 +12,12 @@ its statistics are carried back to the student's positions and vocabulary (`docs
    the group's first teacher token. Zero-byte tokens at one offset pair up in order (the student's EOS with
    the teacher's end token). Student tokens inside a group after its head, unpaired zero-byte tokens and
    everything from the group that would reach the first byte the two sides disagree on are masked.
-3. Statistics at the heads (`eopd_ray.cross_stats`: `student_stats`, `cross_teacher_stats`): the log-prob is the group's teacher
-   log-prob (the sum over its teacher tokens) less the student's own behaviour log-probs of the group's
-   other tokens, so the head's log-ratio is the group's; the entropy is the teacher's at the head's decision
-   point; the top-k is that distribution mapped onto student ids by equal bytes (`vocab_map`), summed where
-   several teacher tokens land on one student id. Teacher mass on tokens no student token spells is left out
-   of the k slots (log-prob -inf there) and reported per position as `unmatched_logprob`: the forward KL of
+3. Statistics at the heads (`eopd_ray.cross_stats`: `student_stats`, `cross_teacher_stats`): the log-prob is
+   the group's teacher log-prob (the sum over its teacher tokens) less the student's own behaviour log-probs of
+   the group's other tokens, so the head's log-ratio is the group's; the entropy is the teacher's at the head's
+   decision point; the top-k is that distribution mapped onto student ids by equal bytes (`vocab_map`), summed
+   where several teacher tokens land on one student id. Teacher mass on tokens no student token spells is left
+   out of the k slots (log-prob -inf there) and reported per position as `unmatched_logprob`: the forward KL of
    eq. 10, which renormalises over its top-k set, renormalises it out.
 
 With one tokenizer on both sides every output equals the same-tokenizer path (`eopd_ray.stats.token_stats`).

@@ -43,8 +43,9 @@ def rollout_of(student_tok, teacher_tok, texts, ended, seed: int = 0):
                                                                                      if e else []), np.int32)
                  for t, e in zip(texts, ended)]
     logprobs = [-rng.uniform(0.1, 2.0, len(r)).astype(np.float32) for r in responses]
-    return make_rollout_table(np.arange(len(texts)), prompts, responses, logprobs, [np.zeros(len(r)) for r in responses],
-                              [False] * len(texts), t_prompts)
+    entropy = [np.zeros(len(r)) for r in responses]
+    return make_rollout_table(np.arange(len(texts)), prompts, responses, logprobs, entropy, [False] * len(texts),
+                              t_prompts)
 
 
 def test_chunked_cross_scorer_equals_the_reference_on_full_float64_logprobs(tmp_path):
