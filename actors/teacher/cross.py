@@ -20,7 +20,7 @@ import torch
 
 from actors.runtime.faults import maybe_fail
 from actors.teacher.scorer import TeacherScorer
-from eopd_ray.batch import list_rows, make_teacher_table, sequence_batch, teacher_prompt_rows
+from eopd_ray.batch import list_rows, make_teacher_table, teacher_prompt_rows
 from eopd_ray.cross_stats import MappedTopK, map_logprobs, student_stats
 from eopd_ray.cross_tokenizer import Alignment, ResponseEncoder, TokenBytes, align, retokenize, vocab_map
 from eopd_ray.models import load_tokenizer
@@ -71,16 +71,9 @@ class CrossTeacherScorer(TeacherScorer):
     def _score_rows(self, prompts, responses, behaviour) -> list:
         pairs = [self.teacher_response(r) for r in responses]
         teacher_rows = [ids for ids, _ in pairs]
-        batch = sequence_batch(prompts, teacher_rows, self.teacher_pad)
+        hidden_MH, tokens_M = self._response_hidden(prompts, teacher_rows, self.teacher_pad)  # every teacher position
+        token_lp_M = self._token_logprobs(hidden_MH, tokens_M)
         dev = self.device
-        hidden_BLH = self.model.get_decoder()(input_ids=batch.input_ids_BL.to(dev),
-                                              attention_mask=batch.attention_mask_BL.to(dev)).last_hidden_state
-        mask_BT = batch.response_mask_BT.to(dev)
-        index_N = (batch.logit_index_BT.to(dev)
-                   + torch.arange(len(prompts), device=dev)[:, None] * hidden_BLH.shape[1])[mask_BT]
-        hidden_MH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])[index_N]  # every teacher response position
-        del hidden_BLH
-        token_lp_M = self._token_logprobs(hidden_MH, batch.response_BT.to(dev)[mask_BT])
         starts = np.cumsum([0] + [len(t) for t in teacher_rows])[:-1]  # each row's first flattened position
         heads = np.concatenate([a.head_positions() + s for (_, a), s in zip(pairs, starts)]).astype(np.int64)
         entropy_H, mapped = self._head_distributions(hidden_MH[torch.as_tensor(heads, device=dev)])

@@ -93,8 +93,10 @@ class TeacherScorer:
                  "time/teacher": seconds}
         return table, stats
 
-    def _score_chunk(self, prompts, responses, cols) -> None:
-        batch = sequence_batch(prompts, responses, self.pad_id)
+    def _response_hidden(self, prompts, responses, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder forward over prompt + response rows -> ((N, H) final hidden states of the N real response
+        positions, row-major, each the one that predicts its token; (N,) those tokens)."""
+        batch = sequence_batch(prompts, responses, pad_id)
         dev = self.device
         hidden_BLH = self.model.get_decoder()(input_ids=batch.input_ids_BL.to(dev),
                                               attention_mask=batch.attention_mask_BL.to(dev)).last_hidden_state
@@ -102,9 +104,12 @@ class TeacherScorer:
         # Only real response positions are projected: padding would cost V-wide work for nothing.
         index_N = (batch.logit_index_BT.to(dev)
                    + torch.arange(len(prompts), device=dev)[:, None] * hidden_BLH.shape[1])[mask_BT]
-        hidden_NH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])[index_N]
-        del hidden_BLH  # (B, L, H) of the prompts too: free it before the V-wide chunks
-        stats = self._position_stats(hidden_NH, batch.response_BT.to(dev)[mask_BT])
+        # (B, L, H) of the prompts too is dropped on return, before the V-wide chunks
+        return hidden_BLH.reshape(-1, hidden_BLH.shape[-1])[index_N], batch.response_BT.to(dev)[mask_BT]
+
+    def _score_chunk(self, prompts, responses, cols) -> None:
+        hidden_NH, tokens_N = self._response_hidden(prompts, responses, self.pad_id)
+        stats = self._position_stats(hidden_NH, tokens_N)
         stats = stats.to("cpu")  # one device-to-host copy of the compact (N,), (N,), (N, k), (N, k) tensors
         start = 0
         for r in responses:  # rows are contiguous in the flattened (row-major) masked order
