@@ -254,3 +254,38 @@ def test_diversity():
     assert diversity([[[1], [2]], [[]]]) is None
     assert diversity([]) is None
     assert diversity([[np.array([9, 9, 9])]], n=1) == pytest.approx(1 / 3)
+
+
+def test_cross_fidelity_against_per_sample_loops(models):
+    """Over whole responses, per teacher token: the teacher reads other ids (its own tokenisation, other
+    lengths) of a vocabulary of its own; each sum is checked against one unpadded forward per sequence."""
+    from eopd_ray.fidelity import cross_fidelity
+
+    model, teacher = models
+    prompts, responses = OWN
+    t_vocab = 95  # the teacher's own real vocabulary (its 101 rows are padded past it)
+    rng = np.random.default_rng(2)
+    t_prompts = [rng.integers(0, t_vocab, len(p) + 1).astype(np.int64) for p in prompts]
+    t_responses = [rng.integers(0, t_vocab, max(0, len(r) + int(rng.integers(-1, 3)))).astype(np.int64)
+                   for r in responses]
+    got = cross_fidelity(model, teacher, Samples(prompts, responses, t_prompts), t_responses, VOCAB, t_vocab,
+                         batch_size=3)
+    d, n, nll = [], [], 0.0
+    for p, r, tp, tr in zip(prompts, responses, t_prompts, t_responses):
+        lp_m = float(sum(ref_logprobs(model, p, r)[i, int(x)] for i, x in enumerate(r)))
+        lp_t = float(sum(ref_logprobs(teacher, tp, tr, t_vocab)[i, int(x)] for i, x in enumerate(tr)))
+        d.append(lp_m - lp_t)
+        n.append(len(tr))
+        nll -= lp_t
+    tokens = sum(n)
+    rkl = sum(d) / tokens
+    resid_var = sum((di - rkl * ni) ** 2 for di, ni in zip(d, n)) / (len(d) - 1)
+    stderr = math.sqrt(resid_var / len(d)) / (tokens / len(d))  # delta method for a ratio of means
+    assert got["estimator"] == "sequence" and got["teacher_tokens"] == tokens
+    assert got["response_tokens"] == sum(len(r) for r in responses)
+    assert got["reverse_kl"] == pytest.approx(rkl, abs=1e-9)
+    assert got["teacher_nll"] == pytest.approx(nll / tokens, abs=1e-9)
+    assert got["reverse_kl_stderr"] == pytest.approx(stderr, rel=1e-9)
+    # the model against itself, in the same tokens: exactly 0
+    same = cross_fidelity(model, model, Samples(prompts, responses), responses, VOCAB, VOCAB)
+    assert same["reverse_kl"] == 0.0 and same["reverse_kl_stderr"] == 0.0

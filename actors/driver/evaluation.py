@@ -134,7 +134,7 @@ def add_fidelity(session: Session, eval_recs: list, results: dict) -> None:
     teacher = load_causal_lm(models.teacher_path, cfg.model.teacher_dtype, cfg.model.trust_remote_code).eval()
     teacher_samples = samples("teacher") if "teacher" in results else None
     paths = {"student": trained_student_path(session), "student_initial": models.student_path}
-    retokenized = teacher_tokens(models, cfg.model.trust_remote_code) if models.teacher_vocab_size else None
+    retokenized = teacher_tokens(models, cfg.model.trust_remote_code) if cfg.teacher.tokenizer == "cross" else None
     for name, path in paths.items():
         model = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
         if retokenized is None:

@@ -3,11 +3,11 @@ bytes after its own prompt, and its statistics come back at the student's positi
 vocabulary (`eopd_ray.cross_tokenizer`, `eopd_ray.cross_stats`, `docs/cross_tokenizer.md`).
 
 Per scored batch: the student's response ids -> their bytes -> the teacher's ids (its end token where the
-student's response ended) -> one teacher forward over the teacher's prompt + response. The teacher's log-prob
-of each of its own tokens comes from a chunked log-softmax at every teacher response position; its full
-distribution is taken only at the heads' decision points (one per aligned group), where its entropy is read
-and its mass is moved onto student ids (`map_logprobs`). The table carries a mask: merged and unaligned
-student positions have no statistics and stay out of the loss.
+student's response ended) -> one teacher forward over the teacher's prompt + response. The log-prob of each of
+the teacher's own tokens and its entropy come from one chunked pass over every teacher response position
+(`token_stats_from_hidden`); its full distribution is taken again only at the heads' decision points (one per
+aligned group), where its mass is moved onto student ids (`map_logprobs`). The table carries a mask: merged
+and unaligned student positions have no statistics and stay out of the loss.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from eopd_ray.batch import list_rows, make_teacher_table, teacher_prompt_rows
 from eopd_ray.cross_stats import MappedTopK, map_logprobs, student_stats
 from eopd_ray.cross_tokenizer import Alignment, ResponseEncoder, TokenBytes, align, retokenize, vocab_map
 from eopd_ray.models import load_tokenizer
-from eopd_ray.stats import entropy_from_logprobs
+from eopd_ray.stats import token_stats_from_hidden
 
 HEAD_CHUNK = 128  # head positions per full-distribution chunk: (128, V_teacher) float32 is 134 MB at 262k
 
@@ -72,41 +72,33 @@ class CrossTeacherScorer(TeacherScorer):
         pairs = [self.teacher_response(r) for r in responses]
         teacher_rows = [ids for ids, _ in pairs]
         hidden_MH, tokens_M = self._response_hidden(prompts, teacher_rows, self.teacher_pad)  # every teacher position
-        token_lp_M = self._token_logprobs(hidden_MH, tokens_M)
-        dev = self.device
+        # the log-prob of each of its own tokens and the entropy at every teacher position, chunked (top-1 unused)
+        own = token_stats_from_hidden(hidden_MH, self.head, tokens_M, 1, chunk_size=self.chunk_size,
+                                      vocab_size=self.vocab_size).to("cpu")
         starts = np.cumsum([0] + [len(t) for t in teacher_rows])[:-1]  # each row's first flattened position
         heads = np.concatenate([a.head_positions() + s for (_, a), s in zip(pairs, starts)]).astype(np.int64)
-        entropy_H, mapped = self._head_distributions(hidden_MH[torch.as_tensor(heads, device=dev)])
+        mapped = self._head_topk(hidden_MH[torch.as_tensor(heads, device=self.device)])
+        entropy_H = own.entropy[torch.as_tensor(heads)]
         out, h0 = [], 0
         for (ids, alignment), s, slp in zip(pairs, starts, behaviour):
             h1 = h0 + int(alignment.head.sum())
             head_topk = MappedTopK(mapped.logprobs[h0:h1], mapped.ids[h0:h1], mapped.unmatched_logprob[h0:h1])
-            out.append(student_stats(alignment, token_lp_M[s:s + len(ids)], entropy_H[h0:h1], head_topk,
+            out.append(student_stats(alignment, own.logprobs[s:s + len(ids)], entropy_H[h0:h1], head_topk,
                                      np.asarray(slp, dtype=np.float64)))
             h0 = h1
         return out
 
-    def _token_logprobs(self, hidden_MH: torch.Tensor, tokens_M: torch.Tensor) -> np.ndarray:
-        """(M,) float64 teacher log-probs of its own tokens, chunk by chunk over its real vocabulary."""
-        out = []
-        for s in range(0, hidden_MH.shape[0], self.chunk_size):
-            logits = self.head(hidden_MH[s:s + self.chunk_size])[..., :self.vocab_size].float()
-            tok = tokens_M[s:s + self.chunk_size].long().unsqueeze(-1)
-            out.append((logits.gather(-1, tok).squeeze(-1) - torch.logsumexp(logits, dim=-1)).double().cpu())
-        return torch.cat(out).numpy() if out else np.zeros(0)
-
-    def _head_distributions(self, hidden_HH: torch.Tensor) -> tuple[torch.Tensor, MappedTopK]:
-        """At the heads' decision points (H, hidden): the teacher's entropy (H,) and its top-k over student ids."""
-        ents, lps, ids, unmatched = [], [], [], []
+    def _head_topk(self, hidden_HH: torch.Tensor) -> MappedTopK:
+        """At the heads' decision points (H, hidden): the teacher's top-k over student ids (`map_logprobs`)."""
+        parts = []
         for s in range(0, hidden_HH.shape[0], HEAD_CHUNK):
             logp = torch.log_softmax(self.head(hidden_HH[s:s + HEAD_CHUNK])[..., :self.vocab_size].float(), dim=-1)
-            ents.append(entropy_from_logprobs(logp).cpu())
             m = map_logprobs(logp, self.vmap, self.top_k)
-            lps.append(m.logprobs.cpu()), ids.append(m.ids.cpu()), unmatched.append(m.unmatched_logprob.cpu())
-        if not ents:
+            parts.append((m.logprobs.cpu(), m.ids.cpu(), m.unmatched_logprob.cpu()))
+        if not parts:
             empty = torch.zeros(0, self.top_k)
-            return torch.zeros(0), MappedTopK(empty, empty.long(), torch.zeros(0))
-        return torch.cat(ents), MappedTopK(torch.cat(lps), torch.cat(ids), torch.cat(unmatched))
+            return MappedTopK(empty, empty.long(), torch.zeros(0))
+        return MappedTopK(*(torch.cat(p) for p in zip(*parts)))
 
     @staticmethod
     def _cross_stats(rows, seconds: float) -> dict:
@@ -123,4 +115,3 @@ class CrossTeacherScorer(TeacherScorer):
                 "cross/aligned_fraction": float(scored.mean()) if scored.size else 0.0,
                 "cross/unmatched_mass": float(np.exp(unmatched).mean()) if unmatched.size else 0.0,
                 "time/teacher": seconds}
-
