@@ -137,9 +137,9 @@ def check_cross_tokenizers(student_tok, teacher_tok) -> None:
     error naming the model and the reason (before any actor starts)."""
     from eopd_ray.cross_tokenizer import ResponseEncoder, TokenBytes, TokenizerSchemeError
 
-    for role, tok in (("student", student_tok), ("teacher", teacher_tok)):
+    for role, check, tok in (("student", TokenBytes, student_tok), ("teacher", ResponseEncoder, teacher_tok)):
         try:
-            TokenBytes(tok) if role == "student" else ResponseEncoder(tok)
+            check(tok)
         except TokenizerSchemeError as exc:
             raise VocabMismatchError(f"model.{role}: teacher.tokenizer=cross cannot use its tokenizer: {exc}") from None
 

@@ -144,3 +144,21 @@ def test_cross_settings_that_cannot_work_are_refused_up_front(override, match):
     load_config(None, CROSS)  # the settings a cross run needs are accepted
     with pytest.raises(ConfigError, match=match.replace("(", r"\(")):
         load_config(None, CROSS + [override])
+
+
+def test_a_tokenizer_that_cannot_be_read_as_bytes_is_a_setup_error_naming_the_model():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from eopd_ray.run_setup import check_cross_tokenizers
+    from eopd_ray.vocab import VocabMismatchError
+
+    wp = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wp.pre_tokenizer, wp.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    wordpiece = PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]")
+    check_cross_tokenizers(byte_level_tokenizer(), sentencepiece_tokenizer())  # both readable: no error
+    for student, teacher, role in ((wordpiece, sentencepiece_tokenizer(), "student"),
+                                   (byte_level_tokenizer(), wordpiece, "teacher")):
+        with pytest.raises(VocabMismatchError, match=f"model.{role}: teacher.tokenizer=cross cannot use its "
+                                                     "tokenizer: .*WordPiece"):
+            check_cross_tokenizers(student, teacher)
