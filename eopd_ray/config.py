@@ -13,10 +13,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from eopd_ray.config_checks import check_cross_tokenizer, check_placement, check_range as _check_range, coerce as _coerce, fail as _fail
+from eopd_ray.config_checks import check_placement, check_range as _check_range, coerce as _coerce, fail as _fail
 from eopd_ray.errors import ConfigError
 from eopd_ray.objectives import Objective, get_objective, objective_names
 from eopd_ray.pruning import PRUNE_METHODS
+from eopd_ray.teacher_config import RoutingConfig, TeacherConfig, check_teacher_groups
 
 FKL_NORMALIZERS = ("all_tokens", "gated_tokens")
 # `cpu`: no GPU is requested (today's CPU pipeline); `colocated`: every role shares every GPU (vLLM sleeps
@@ -192,53 +193,6 @@ class RolloutConfig:
 
 
 @dataclass
-class TeacherConfig:
-    """The frozen teacher that scores every sampled token."""
-
-    num_workers: int = 1  # teacher actors (data parallel; with zero_stage 3 they also share the parameters)
-    chunk_size: int = 1024  # positions per chunk when computing full-vocabulary statistics
-    num_cpus: float = 0.5  # Ray CPUs reserved per teacher actor
-    zero_stage: int = 0  # 0: every worker holds the whole teacher; 3: DeepSpeed ZeRO-3 inference, parameters
-    # partitioned over the workers and gathered layer by layer (teachers that do not fit one GPU)
-    offload: str = "none"  # zero_stage 3 only: `cpu` keeps the partitions in host memory, streamed in per layer
-    zero3_persistence_threshold: int = 100_000  # zero_stage 3: parameters this small stay whole on every worker
-    # The context the teacher scores each response in (the response ids themselves never change):
-    prompt_template: str = "student"  # student: the student's prompt ids; teacher: the teacher tokenizer's chat template
-    system_prompt: str = ""  # a system message only the teacher sees (rendered by prompt_template's chat template)
-    eos_remap: str = ""  # "": off; "A->B": the teacher reads end token A of a response as B (B as A); "auto": A, B
-    # = the student's and the teacher's tokenizer EOS when they differ (Qwen3 Base student, instruct teacher)
-    alignment_rows: int = 8  # sampled responses the alignment check reads at the first step (0: no check)
-    # shared: both models use one tokenizer (ids mean the same thing); cross: a teacher of another tokenizer
-    # reads each response re-tokenised from its bytes (docs/cross_tokenizer.md)
-    tokenizer: str = "shared"
-
-    def validate(self, prefix: str = "teacher") -> None:
-        _check_range(f"{prefix}.num_workers", self.num_workers, lo=1, integer=True)
-        _check_range(f"{prefix}.chunk_size", self.chunk_size, lo=1, integer=True)
-        _check_range(f"{prefix}.num_cpus", self.num_cpus, lo=0)
-        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 3):
-            _fail(f"{prefix}.zero_stage", self.zero_stage, "0 (whole teacher per worker) or 3 (ZeRO-3 inference)",
-                  "set it to 0 or 3; ZeRO 1 and 2 shard only optimizer state and gradients, which a frozen teacher "
-                  "has none of")
-        if self.offload not in ("none", "cpu"):
-            _fail(f"{prefix}.offload", self.offload, "none or cpu")
-        if self.offload == "cpu" and self.zero_stage != 3:
-            _fail(f"{prefix}.offload", self.offload, f"none with {prefix}.zero_stage={self.zero_stage!r}",
-                  f"set {prefix}.zero_stage=3 (parameter offload is a ZeRO-3 feature)")
-        _check_range(f"{prefix}.zero3_persistence_threshold", self.zero3_persistence_threshold, lo=0, integer=True)
-        if self.prompt_template not in ("student", "teacher"):
-            _fail(f"{prefix}.prompt_template", self.prompt_template, "student or teacher",
-                  "student scores the student's own prompt ids; teacher renders the prompt with the teacher's template")
-        if self.eos_remap not in ("", "auto") and self.eos_remap.count("->") != 1:
-            _fail(f"{prefix}.eos_remap", self.eos_remap, "'', auto, or two tokens as 'STUDENT_END->TEACHER_END'",
-                  f"e.g. {prefix}.eos_remap='<|endoftext|>-><|im_end|>'")
-        _check_range(f"{prefix}.alignment_rows", self.alignment_rows, lo=0, integer=True)
-        if self.tokenizer not in ("shared", "cross"):
-            _fail(f"{prefix}.tokenizer", self.tokenizer, "shared or cross",
-                  "cross for a teacher whose tokenizer differs from the student's (docs/cross_tokenizer.md)")
-
-
-@dataclass
 class TrainerConfig:
     """Student optimisation (Algorithm 1): one step = B prompts, then B / B_mini optimizer updates."""
 
@@ -393,6 +347,10 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # several teachers (docs/teachers.md): each entry `{name, model, ...teacher.* fields}`, unset fields taken from
+    # model.teacher and the teacher section; empty = the one teacher of model.teacher / teacher
+    teachers: list = field(default_factory=list)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)  # which of `teachers` scores each prompt
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -423,7 +381,7 @@ class RunConfig:
                   f"at least 2 with loss.objective={self.loss.objective} (its advantages need a group of responses)",
                   f"set rollout.n_samples_per_prompt={group} as in the paper")
         check_placement(self)
-        check_cross_tokenizer(self)
+        check_teacher_groups(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -96,20 +96,20 @@ def check_placement(cfg) -> None:
     plan_placement(cfg)
 
 
-def check_cross_tokenizer(cfg) -> None:
+def check_cross_tokenizer(cfg, prefix: str = "teacher") -> None:
     """What `teacher.tokenizer=cross` needs: the teacher reads its own prompt ids (its chat template), and the
     paths that pass token ids between the two models unchanged stay off."""
     if cfg.teacher.tokenizer != "cross":
         return
-    what = "with teacher.tokenizer=cross"
+    what = f"with {prefix}.tokenizer=cross"
     if cfg.teacher.prompt_template != "teacher":
-        fail("teacher.prompt_template", cfg.teacher.prompt_template, f"teacher {what} (the teacher reads its own "
-             "tokens, prompt included)", "set teacher.prompt_template=teacher")
+        fail(f"{prefix}.prompt_template", cfg.teacher.prompt_template, f"teacher {what} (the teacher reads its own "
+             "tokens, prompt included)", f"set {prefix}.prompt_template=teacher")
     if cfg.teacher.eos_remap:
-        fail("teacher.eos_remap", cfg.teacher.eos_remap, f"'' {what} (the student's end token is paired with the "
-             "teacher's EOS by the alignment)", "set teacher.eos_remap=''")
+        fail(f"{prefix}.eos_remap", cfg.teacher.eos_remap, f"'' {what} (the student's end token is paired with the "
+             "teacher's EOS by the alignment)", f"set {prefix}.eos_remap=''")
     if cfg.teacher.zero_stage != 0:
-        fail("teacher.zero_stage", cfg.teacher.zero_stage, f"0 {what}", "set teacher.zero_stage=0")
+        fail(f"{prefix}.zero_stage", cfg.teacher.zero_stage, f"0 {what}", f"set {prefix}.zero_stage=0")
     if cfg.loss.spec.samples_from_teacher:
         fail("loss.objective", cfg.loss.objective, f"an on-policy objective {what} (off-policy objectives train "
              "on the teacher's own token ids)", "pick an on-policy objective such as eopd or opd")

@@ -27,10 +27,13 @@ class PromptRecord:
     answer: str  # gold answer, graded against the response
     prompt_ids: np.ndarray  # (P,) int32 token ids of the formatted prompt
     teacher_prompt_ids: np.ndarray | None = None  # (P',) the prompt as the teacher reads it; None: prompt_ids
+    teacher: int = 0  # the index of the teacher group that scores it (eopd_ray.teacher_config.route_index)
 
 
-def load_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer") -> list[dict]:
-    """Read `{prompt, answer}` rows from a .jsonl or .parquet file; errors name the file and line/row."""
+def load_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer",
+              route_key: str = "") -> list[dict]:
+    """Read `{prompt, answer}` rows from a .jsonl or .parquet file; errors name the file and line/row.
+    route_key: also keep this field (routing.field: the row's teacher) as the row's `route`."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {str(path)!r} does not exist; set data.train_path/data.eval_path to a "
@@ -41,15 +44,16 @@ def load_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "a
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        for key in (prompt_key, answer_key):
+        for key in (prompt_key, answer_key) + ((route_key,) if route_key else ()):
             if key.split(".")[0] not in table.column_names:
                 raise DataError(f"{path}: column {key.split('.')[0]!r} is missing (columns: {table.column_names}); "
                                 f"set data.prompt_key / data.answer_key to the right names")
         # the id column too, where there is one: JSONL rows keep theirs, and both are checked the same way
-        columns = sorted({prompt_key.split(".")[0], answer_key.split(".")[0]} | ({"id"} & set(table.column_names)))
+        columns = sorted({prompt_key.split(".")[0], answer_key.split(".")[0]} | ({"id"} & set(table.column_names))
+                         | ({route_key.split(".")[0]} if route_key else set()))
         for i, row in enumerate(table.select(columns).to_pylist()):
             wheres.append(f"{path} row {i}")
-            rows.append(_check_row(row, wheres[-1], prompt_key, answer_key))
+            rows.append(_check_row(row, wheres[-1], prompt_key, answer_key, route_key))
     elif path.suffix in (".jsonl", ".json"):
         with open(path, "rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
@@ -67,7 +71,7 @@ def load_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "a
                 if not isinstance(row, dict):
                     raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
                 wheres.append(where)
-                rows.append(_check_row(row, where, prompt_key, answer_key))
+                rows.append(_check_row(row, where, prompt_key, answer_key, route_key))
     else:
         raise DataError(f"data file {str(path)!r} has an unknown extension {path.suffix!r}; use .jsonl or .parquet")
     if not rows:
@@ -92,7 +96,7 @@ def get_field(row, dotted: str):
     return value
 
 
-def _check_row(row: dict, where: str, prompt_key: str, answer_key: str) -> dict:
+def _check_row(row: dict, where: str, prompt_key: str, answer_key: str, route_key: str = "") -> dict:
     values = {key: get_field(row, key) for key in (prompt_key, answer_key)}
     for key, value in values.items():
         if value is _MISSING or value is None:
@@ -105,7 +109,14 @@ def _check_row(row: dict, where: str, prompt_key: str, answer_key: str) -> dict:
         raise DataError(f"{where}: field {prompt_key!r} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise DataError(f"{where}: the prompt is empty")
-    return {"id": row_id(row.get("id"), where), "prompt": prompt, "answer": str(row[answer_key])}
+    out = {"id": row_id(row.get("id"), where), "prompt": prompt, "answer": str(row[answer_key])}
+    if route_key:
+        route = get_field(row, route_key)
+        if route is _MISSING or route is None:
+            raise DataError(f"{where}: field {route_key!r} (routing.field: the row's teacher) is missing (fields: "
+                            f"{sorted(row)}); add it to every row, or set routing.field='' to route by routing.rule")
+        out["route"] = str(route)
+    return out
 
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")

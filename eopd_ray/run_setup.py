@@ -19,6 +19,7 @@ from eopd_ray.models import architecture_mismatch, load_tokenizer, output_rows
 from eopd_ray.pruning import ensure_pruned_student, format_report
 from eopd_ray.objectives import resolve_logits_chunk
 from eopd_ray.run_io import OutputDirError, check_out_dir
+from eopd_ray.teacher_config import group_config, route_index, teacher_groups
 from eopd_ray.teacher_context import first_difference, render_prompt, resolve_end_swap, teacher_prompt_ids
 from eopd_ray.tracking import TrackerError
 from eopd_ray.vocab import VocabMismatchError, real_vocab_size, shared_vocab_size
@@ -44,6 +45,8 @@ class ResolvedModels:
     end_names: tuple[str, str] = ("", "")
     # teacher.tokenizer=cross: the teacher's own real vocabulary (vocab_size is then the student's); else None
     teacher_vocab_size: int | None = None
+    # several teachers (`teachers`): every group's own, in order (this one is the first's); () with one teacher
+    groups: tuple = ()
 
 
 @dataclass
@@ -107,16 +110,35 @@ def _tokenizer(path: str, role: str, trc: bool):
 
 def resolve_models(cfg: RunConfig, out_dir: Path | None = None):
     """(ResolvedModels, the student's tokenizer). `tiny` is built (once) and cached, a GGUF converted (once),
-    and `pruned` made from the teacher (layer scores on the training prompts, written to out_dir/prune.json)."""
+    and `pruned` made from the (first) teacher (layer scores on the training prompts, written to
+    out_dir/prune.json). With several teachers the result is the first one's, each group's in `groups`."""
     tiny: dict = {}
     trc = cfg.model.trust_remote_code
-    teacher = _source(cfg.model.teacher, "teacher", tiny, cfg)
-    t_tok = _tokenizer(teacher, "teacher", trc)
+    groups = teacher_groups(cfg)
+    teachers = [_source(g.model, "teacher", tiny, cfg) for g in groups]
+    t_toks = [_tokenizer(t, "teacher", trc) for t in teachers]
     if cfg.model.student == "pruned":
-        student = prune_student(cfg, teacher, t_tok, out_dir)
+        student = prune_student(cfg, teachers[0], t_toks[0], out_dir)
     else:
         student = _source(cfg.model.student, "student", tiny, cfg)
     s_tok = _tokenizer(student, "student", trc)
+    resolved = [_pair(group_config(cfg, g), str(t), t_tok, str(student), s_tok)
+                for g, t, t_tok in zip(groups, teachers, t_toks)]
+    for g, m in zip(groups, resolved):
+        if m.vocab_size != resolved[0].vocab_size:
+            raise VocabMismatchError(f"teacher {g.name!r} ({m.teacher_path}) shares {m.vocab_size} token ids with the "
+                                     f"student, teacher {groups[0].name!r} {resolved[0].vocab_size}: every teacher must "
+                                     "score over one student vocabulary; use teachers with the same tokenizer, or "
+                                     "tokenizer: cross")
+    if len(resolved) > 1:
+        resolved[0] = dataclasses.replace(resolved[0], groups=tuple(resolved))
+    return resolved[0], s_tok
+
+
+def _pair(cfg: RunConfig, teacher: str, t_tok, student: str, s_tok) -> ResolvedModels:
+    """One teacher (cfg.model.teacher at `teacher`) and the student: the vocabulary they are compared over and
+    the end tokens the teacher's context needs."""
+    trc = cfg.model.trust_remote_code
     teacher_vocab = None
     if cfg.teacher.tokenizer == "cross":  # each side's own vocabulary; the teacher's is aligned to it by bytes
         vocab = real_vocab_size(s_tok, output_rows(student, trc), "student")
@@ -127,9 +149,14 @@ def resolve_models(cfg: RunConfig, out_dir: Path | None = None):
     swap = resolve_end_swap(cfg.teacher.eos_remap, s_tok, t_tok)
     # cross: the teacher's top-k comes back in student ids, its EOS mapped onto the student's
     ends = swap or (s_tok.eos_token_id, s_tok.eos_token_id if teacher_vocab else t_tok.eos_token_id)
-    return ResolvedModels(str(teacher), str(student), vocab, s_tok.pad_token_id, end_swap=swap,
+    return ResolvedModels(teacher, student, vocab, s_tok.pad_token_id, end_swap=swap,
                           end_ids=ends, end_names=tuple(s_tok.convert_ids_to_tokens(i) if i is not None else ""
-                                                        for i in ends), teacher_vocab_size=teacher_vocab), s_tok
+                                                        for i in ends), teacher_vocab_size=teacher_vocab)
+
+
+def model_groups(cfg: RunConfig, models: ResolvedModels) -> list[tuple[str, RunConfig, ResolvedModels]]:
+    """(name, single-teacher config, resolved models) of every teacher group, in `teachers` order."""
+    return [(g.name, group_config(cfg, g), m) for g, m in zip(teacher_groups(cfg), models.groups or (models,))]
 
 
 def check_cross_tokenizers(student_tok, teacher_tok) -> None:
@@ -157,12 +184,14 @@ def prune_student(cfg: RunConfig, teacher: str, tokenizer, out_dir: Path | None)
     return path
 
 
-def load_data(cfg: RunConfig, tokenizer, teacher_tokenizer=None) -> tuple[PromptSampler, list[PromptRecord]]:
-    """(sampler over the training prompts, held-out records), tokenised and length-checked; training and
-    held-out records carry the teacher's own prompt where teacher.prompt_template / system_prompt ask for one
-    (the teacher scores, generates in `kd`, and is evaluated after it)."""
-    d = cfg.data
-    train = load_rows(d.train_path, d.prompt_key, d.answer_key) if d.train_path else \
+def load_data(cfg: RunConfig, tokenizer, teacher_tokenizers=None) -> tuple[PromptSampler, list[PromptRecord]]:
+    """(sampler over the training prompts, held-out records), tokenised and length-checked, each routed to its
+    teacher group (`routing`; `PromptRecord.teacher`); training and held-out records carry their teacher's own
+    prompt where its prompt_template / system_prompt ask for one (the teacher scores, generates in `kd`, and is
+    evaluated after it). teacher_tokenizers: a list with one per teacher group, or one tokenizer for every
+    group (None: the student's renders)."""
+    d, key = cfg.data, cfg.routing.field
+    train = load_rows(d.train_path, d.prompt_key, d.answer_key, key) if d.train_path else \
         synthetic_rows(d.num_train_problems, d.seed, "train")
     if d.train_skip_rows:
         # the rows keep their file position as id, so held-out and training ids never coincide
@@ -170,21 +199,47 @@ def load_data(cfg: RunConfig, tokenizer, teacher_tokenizer=None) -> tuple[Prompt
         if not train:
             raise DataError(f"{d.train_path}: data.train_skip_rows={d.train_skip_rows} skips every row; lower it "
                             "or add rows")
-    held = load_rows(d.eval_path, d.eval_prompt_key or d.prompt_key, d.eval_answer_key or d.answer_key) \
+    held = load_rows(d.eval_path, d.eval_prompt_key or d.prompt_key, d.eval_answer_key or d.answer_key, key) \
         if d.eval_path else synthetic_rows(d.num_eval_problems, d.seed, "test")
     train_recs = tokenize_rows(train, tokenizer, d.max_prompt_tokens, d.train_path or "synthetic train split",
                                d.prompt_suffix)
     eval_recs = tokenize_rows(held[:d.num_eval_problems], tokenizer, d.max_prompt_tokens,
                               d.eval_path or "synthetic test split", d.prompt_suffix + d.eval_prompt_suffix)
-    renderer = attach_teacher_prompts(train_recs, d.prompt_suffix, cfg, tokenizer, teacher_tokenizer)
-    if renderer is not None:
-        attach_teacher_prompts(eval_recs, d.prompt_suffix + d.eval_prompt_suffix, cfg, tokenizer, teacher_tokenizer)
-        rec = train_recs[0]
+    groups = teacher_groups(cfg)
+    names = [g.name for g in groups]
+    if teacher_tokenizers is not None and not isinstance(teacher_tokenizers, (list, tuple)):
+        teacher_tokenizers = [teacher_tokenizers] * len(groups)
+    for recs, rows, source in ((train_recs, train, d.train_path or "synthetic train split"),
+                               (eval_recs, held, d.eval_path or "synthetic test split")):
+        for rec, row in zip(recs, rows):
+            if key and "route" not in row:
+                raise DataError(f"{source}: routing.field={key!r} needs a data file with that field (the synthetic "
+                                "task has none); set data.train_path / data.eval_path, or routing.field=''")
+            try:
+                rec.teacher = route_index(rec.id, rec.prompt, row.get("route"), names, cfg.routing,
+                                          f"{source} row id {rec.id}")
+            except ValueError as exc:
+                raise DataError(str(exc)) from None
+    for i, group in enumerate(groups):
+        own = teacher_tokenizers[i] if teacher_tokenizers else None
+        gcfg = group_config(cfg, group)
+        mine = [r for r in train_recs if r.teacher == i]
+        renderer = attach_teacher_prompts(mine, d.prompt_suffix, gcfg, tokenizer, own)
+        attach_teacher_prompts([r for r in eval_recs if r.teacher == i], d.prompt_suffix + d.eval_prompt_suffix, gcfg,
+                               tokenizer, own)
+        if renderer is None or not mine:
+            continue
+        rec = mine[0]
         ids = rec.prompt_ids if rec.teacher_prompt_ids is None else rec.teacher_prompt_ids
         at = first_difference(rec.prompt_ids, ids)
-        print("teacher context: " + ("the teacher reads the student's prompts unchanged" if at < 0 else
+        print(f"teacher context{f' ({group.name})' if len(groups) > 1 else ''}: " + (
+              "the teacher reads the student's prompts unchanged" if at < 0 else
               f"the teacher's prompt differs from the student's from token {at} on (student: "
               f"{tokenizer.decode(rec.prompt_ids[at:at + 8])!r}, teacher: {renderer.decode(ids[at:at + 8])!r})"))
+    if len(groups) > 1:
+        counts = ", ".join(f"{g.name} {sum(r.teacher == i for r in train_recs)}" for i, g in enumerate(groups))
+        print(f"routing ({f'field {key!r}' if key else f'rule {cfg.routing.rule}'}): training prompts per teacher: "
+              f"{counts}")
     return PromptSampler(train_recs, cfg.trainer.batch_size, d.seed), eval_recs
 
 
@@ -246,5 +301,6 @@ def prepare_run(cfg: RunConfig, resume: str | None = None) -> RunSetup:
     if ckpt is not None and (diff := architecture_mismatch(str(ckpt / "hf"), models.student_path)):
         raise checkpoint.CheckpointError(f"checkpoint {ckpt} belongs to another model ({'; '.join(diff)}); resume "
                                          "with the model.student it was trained from, or start a new --out")
-    sampler, eval_recs = load_data(cfg, tokenizer, load_tokenizer(models.teacher_path, cfg.model.trust_remote_code))
+    sampler, eval_recs = load_data(cfg, tokenizer, [load_tokenizer(m.teacher_path, cfg.model.trust_remote_code)
+                                                    for _, _, m in model_groups(cfg, models)])
     return RunSetup(cfg, models, sampler, eval_recs, out_dir, ckpt, restore_driver_state(ckpt, sampler))
