@@ -115,14 +115,16 @@ class ColocatedGroup(ActorGroup):
             _SHARED = None
 
 
-def _group(cfg: RunConfig, role: str, actor_cls, n: int, kwargs_for_rank, num_cpus: float) -> ActorGroup:
+def _group(cfg: RunConfig, role: str, actor_cls, n: int, kwargs_for_rank, num_cpus: float,
+           name: str = "") -> ActorGroup:
+    """`n` actors of `role`; `name` (default: the role) names the group and its placement group."""
     plan = plan_placement(cfg)
     if plan.mode == "colocated":
         return ColocatedGroup(role, actor_cls, n, kwargs_for_rank, _shared(plan, cfg.trainer.place_wait_s), num_cpus,
                               plan.num_gpus(role), owns_placement=role == "student")
     # CPU: num_gpus is 0 and the bundles are {"CPU": num_cpus}, exactly as before placement existed;
     # placement.node_roles adds the role's pool resource to every bundle (eopd_ray.placement.role_resources).
-    return ActorGroup(role, actor_cls, n, kwargs_for_rank, num_cpus=num_cpus, num_gpus=plan.num_gpus(role),
+    return ActorGroup(name or role, actor_cls, n, kwargs_for_rank, num_cpus=num_cpus, num_gpus=plan.num_gpus(role),
                       resources=role_resources(cfg, role), ready_timeout_s=cfg.trainer.place_wait_s)
 
 
@@ -154,9 +156,10 @@ def build_rollouts(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
     return group
 
 
-def build_teachers(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
+def build_teachers(cfg: RunConfig, models: ResolvedModels, name: str = "teacher") -> ActorGroup:
     """Teacher workers: whole models (data parallel), or with teacher.zero_stage=3 one ZeRO-3 group whose
-    members join a process group (NCCL on GPUs, gloo on CPU) and load the teacher into partitions."""
+    members join a process group (NCCL on GPUs, gloo on CPU) and load the teacher into partitions. `name`:
+    the group's (one of several teachers: `teacher_<name>`)."""
     t = cfg.teacher
     common = dict(model_path=models.teacher_path, top_k=cfg.loss.top_k, vocab_size=models.vocab_size,
                   pad_id=models.pad_id, chunk_size=t.chunk_size, dtype=cfg.model.teacher_dtype,
@@ -164,15 +167,15 @@ def build_teachers(cfg: RunConfig, models: ResolvedModels) -> ActorGroup:
     if t.tokenizer == "cross":  # its own vocabulary; the student's tokenizer to align to (zero_stage 0 only)
         return _group(cfg, "teacher", CrossTeacherActor, t.num_workers, lambda rank: dict(
             common, vocab_size=models.teacher_vocab_size, student_tokenizer_path=models.student_path,
-            student_vocab_size=models.vocab_size, num_threads=actor_threads(cfg, "teacher")), t.num_cpus)
+            student_vocab_size=models.vocab_size, num_threads=actor_threads(cfg, "teacher")), t.num_cpus, name)
     if t.zero_stage == 0:
         return _group(cfg, "teacher", TeacherActor, t.num_workers,
-                      lambda rank: dict(common, num_threads=actor_threads(cfg, "teacher")), t.num_cpus)
+                      lambda rank: dict(common, num_threads=actor_threads(cfg, "teacher")), t.num_cpus, name)
     backend = "nccl" if plan_placement(cfg).has_gpus else "gloo"
     group = _group(cfg, "teacher", ShardedTeacherActor, t.num_workers, lambda rank: dict(
         common, rank=rank, world_size=t.num_workers, backend=backend, offload=t.offload,
         persistence_threshold=t.zero3_persistence_threshold,
-        num_threads=actor_threads(cfg, "teacher")), t.num_cpus)
+        num_threads=actor_threads(cfg, "teacher")), t.num_cpus, name)
     addr, port = ray.get(group.actors[0].master_address.remote())
     group.run("setup", addr, port)
     return group

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import ray
 from tqdm import tqdm
 
+from actors.driver.routing import score_routed
 from actors.driver.session import ACTOR_DIED, Session
 from actors.rollout.engine import SamplingParams
 from actors.runtime.group import ActorGroup
 from eopd_ray.batch import list_rows
+from eopd_ray.run_setup import model_groups
 from eopd_ray.seeds import rollout_seed
 from eopd_ray.sharding import shard_slices
 from eopd_ray.teacher_context import alignment_report, alignment_warning
@@ -132,23 +134,46 @@ def check_sync(session: Session) -> dict:
     return metrics
 
 
-def check_alignment(session: Session, rollout_ref, teacher_ref) -> dict:
+def check_alignment(session: Session, rollout_ref, teacher_ref, models=None, name: str = "") -> dict:
     """Once per process, before its first training step: how the teacher read a few of the sampled responses
     (`eopd_ray.teacher_context.alignment_report`), printed, with a warning and the fix when the responses'
-    end token is far less likely under the teacher than its own end of turn. Returns the `align/*` metrics."""
+    end token is far less likely under the teacher than its own end of turn. Returns the `align/*` metrics
+    (`align/<name>/*` for teacher group `name` of several, with its `models`)."""
     session.aligned = True
     rows = session.cfg.teacher.alignment_rows
     if not rows:
         return {}
     rollout, teacher = ray.get([rollout_ref, teacher_ref])
-    m = session.models
+    m = models or session.models
     report = alignment_report(rollout.slice(0, rows), teacher.slice(0, rows), *m.end_ids, session.cfg.loss.top_k)
     # tqdm.write: printed above the progress bar rather than through it
-    tqdm.write("alignment check: " + ", ".join(f"{key.removeprefix('align/')}={value:.3g}" for key, value in report.items()))
+    tqdm.write(f"alignment check{f' ({name})' if name else ''}: " + ", ".join(
+        f"{key.removeprefix('align/')}={value:.3g}" for key, value in report.items()))
     warning = alignment_warning(report, *m.end_names, remapped=m.end_swap is not None)
     if warning:
         tqdm.write(f"warning: {warning}", file=sys.stderr)
-    return report
+    return {f"align/{name}/{key.removeprefix('align/')}" if name else key: value for key, value in report.items()}
+
+
+def score_phase(session: Session, rollout_refs: list, prompts: list) -> tuple[list, dict, dict]:
+    """(teacher table refs, one per rollout ref; the teacher stats of the batch; the alignment check's metrics,
+    at a process's first step). With several teachers (`teachers`), each prompt's rows go to its teacher group
+    (`PromptRecord.teacher`) and every group's statistics are reported under `teacher/<name>/...` too."""
+    cfg = session.cfg
+    if len(session.teachers) == 1:
+        refs, stats = score_rollouts(session.teachers[0], rollout_refs, cfg.teacher.zero_stage == 3)
+        align = check_alignment(session, rollout_refs[0], refs[0]) if not session.aligned else {}
+        return refs, reduce_worker_stats(stats), align
+    groups = model_groups(cfg, session.models)
+    refs, metrics, firsts = score_routed([(name, t) for (name, _, _), t in zip(groups, session.teachers)],
+                                         rollout_refs, {r.id: r.teacher for r in prompts}, cfg.loss.tau,
+                                         lambda group, part_refs: score_rollouts(group, part_refs, False))
+    align = {}
+    if not session.aligned:
+        for name, _, models in groups:
+            if name in firsts:
+                align.update(check_alignment(session, *firsts[name], models, name))
+    return refs, metrics, align
 
 
 def iteration(session: Session, step: int, prompts: list, next_prompts: list | None = None) -> dict:
@@ -167,8 +192,7 @@ def iteration(session: Session, step: int, prompts: list, next_prompts: list | N
     if next_prompts is not None:
         # queued on each worker before this step's sync, so it samples with the weights held now
         session.ahead = submit_rollouts(session, step + 1, next_prompts)
-    teacher_refs, teacher_stats = score_rollouts(session.teachers, rollout_refs, cfg.teacher.zero_stage == 3)
-    align = check_alignment(session, rollout_refs[0], teacher_refs[0]) if not session.aligned else {}
+    teacher_refs, teacher_metrics, align = score_phase(session, rollout_refs, prompts)
     t2 = time.perf_counter()
     checking = session.on_policy and cfg.placement.check_sync and not session.sync_checked
     if checking and session.sync.reference is None:
@@ -180,7 +204,7 @@ def iteration(session: Session, step: int, prompts: list, next_prompts: list | N
     if checking:
         sync_metrics.update(check_sync(session))
     row = {"step": step + 1, **train_metrics, **sync_metrics, **align, "rollout/workers": len(rollout_refs),
-           **reduce_worker_stats(rollout_stats), **reduce_worker_stats(teacher_stats)}  # sums, weighted means, max
+           **reduce_worker_stats(rollout_stats), **teacher_metrics}  # sums, weighted means, max
     row.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/train_phase": t3 - t2,
                 "time/step": time.perf_counter() - t0})
     return row

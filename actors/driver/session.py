@@ -16,7 +16,7 @@ from actors.driver.build import (build_rollouts, build_students, build_teachers,
 from actors.runtime.group import ActorGroup
 from actors.sync.base import WeightSync
 from eopd_ray.config import RunConfig
-from eopd_ray.run_setup import ResolvedModels
+from eopd_ray.run_setup import ResolvedModels, model_groups
 
 # What a lost worker process looks like from the driver.
 ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
@@ -38,12 +38,17 @@ def node_report(groups: dict[str, ActorGroup]) -> list[str]:
     return lines
 
 
+def group_label(name: str) -> str:
+    """The actor group (and node report) name of teacher group `name`: `teacher` for the one teacher."""
+    return "teacher" if name == "teacher" else f"teacher_{name}"
+
+
 @dataclass
 class Session:
     cfg: RunConfig
     models: ResolvedModels
     rollouts: ActorGroup
-    teachers: ActorGroup
+    teachers: list[ActorGroup]  # one group per teacher (`teachers`), in order; one with a single teacher
     students: ActorGroup
     sync: WeightSync
     sync_checked: bool = False  # the engines' log-probs were compared with the student's after a sync
@@ -65,23 +70,27 @@ class Session:
         t0 = time.perf_counter()
         built: list[ActorGroup] = []
         try:
-            for build in (build_rollouts, build_teachers, build_students):
-                built.append(build(cfg, models))
-            rollouts, teachers, students = built
+            built.append(build_rollouts(cfg, models))
+            for name, group_cfg, group_models in model_groups(cfg, models):  # each teacher group as a run of its own
+                built.append(build_teachers(group_cfg, group_models, group_label(name)))
+            built.append(build_students(cfg, models))
+            rollouts, teachers, students = built[0], built[1:-1], built[-1]
             session = cls(cfg, models, rollouts, teachers, students, build_weight_sync(cfg, students, rollouts))
             if ckpt is not None:
                 students.run("load", str(ckpt))
                 if session.on_policy:
                     session.sync.sync()
-            ray.get(rollouts.call("ping") + teachers.call("ping"))
+            ray.get(rollouts.call("ping") + [ping for group in teachers for ping in group.call("ping")])
         except BaseException:
             for group in built:
                 group.shutdown()
             release_shared_placement()
             raise
-        print(f"actors ready in {time.perf_counter() - t0:.1f} s: {len(rollouts)} rollout, {len(teachers)} teacher, "
-              f"{len(students)} student rank(s)")
-        for line in node_report({"rollout": rollouts, "teacher": teachers, "student": students}):
+        print(f"actors ready in {time.perf_counter() - t0:.1f} s: {len(rollouts)} rollout, "
+              f"{' + '.join(str(len(group)) for group in teachers)} teacher, {len(students)} student rank(s)")
+        names = [name for name, _, _ in model_groups(cfg, models)]
+        groups = {group_label(name): group for name, group in zip(names, teachers)}
+        for line in node_report({"rollout": rollouts, **groups, "student": students}):
             print(line)
         return session
 
@@ -99,7 +108,7 @@ class Session:
         if self.down:
             return
         self.down = True
-        for group in (self.rollouts, self.teachers, self.students):
+        for group in (self.rollouts, *self.teachers, self.students):
             group.shutdown()
 
     # -- elasticity -----------------------------------------------------------------------------------------
