@@ -89,20 +89,30 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 def fidelity_lines(results: dict) -> list[str]:
     """One line per model with its fidelity to the teacher (eopd_ray/fidelity.py), and how training moved the
-    student's reverse KL."""
+    student's reverse KL; with several teachers, the same for each one (`fidelity_by_teacher`)."""
+    lines = _fidelity_block({name: r.get("fidelity") for name, r in results.items()}, results, "")
+    for teacher in (results.get("student", {}).get("fidelity_by_teacher") or {}):
+        lines += _fidelity_block({name: (r.get("fidelity_by_teacher") or {}).get(teacher)
+                                  for name, r in results.items()}, results, teacher)
+    return lines
+
+
+def _fidelity_block(fids: dict, results: dict, teacher: str) -> list[str]:
     lines = []
-    for name, r in results.items():
-        f = r.get("fidelity")
+    to = f" to {teacher} ({next(f for f in fids.values() if f)['problems']} problems)" if teacher else ""
+    for name, f in fids.items():
         if f and f.get("estimator") == "sequence":  # teacher.tokenizer=cross (eopd_ray.fidelity.cross_fidelity)
-            lines.append(f"fidelity {name:16s} reverse KL {_fmt(f['reverse_kl'])} +- {_fmt(f.get('reverse_kl_stderr'))} "
+            lines.append(f"fidelity{to} {name:16s} reverse KL {_fmt(f['reverse_kl'])} +- {_fmt(f.get('reverse_kl_stderr'))} "
                          f"(whole responses, per teacher token) teacher NLL {_fmt(f['teacher_nll'])} nats/teacher token; "
-                         f"distinct-2 {_fmt(r.get('diversity/distinct_2'))}")
+                         f"distinct-2 {_fmt(results[name].get('diversity/distinct_2'))}")
         elif f:
-            lines.append(f"fidelity {name:16s} reverse KL {_fmt(f['reverse_kl'])} forward KL "
+            lines.append(f"fidelity{to} {name:16s} reverse KL {_fmt(f['reverse_kl'])} forward KL "
                          f"{_fmt(f.get('forward_kl'))} (at teacher entropy >= tau: {_fmt(f.get('forward_kl_high_entropy'))}) "
-                         f"teacher NLL {_fmt(f['teacher_nll'])} nats/token; distinct-2 {_fmt(r.get('diversity/distinct_2'))}")
-    start, end = (results.get(n, {}).get("fidelity", {}).get("reverse_kl") for n in ("student_initial", "student"))
+                         f"teacher NLL {_fmt(f['teacher_nll'])} nats/token; "
+                         f"distinct-2 {_fmt(results[name].get('diversity/distinct_2'))}")
+    start, end = ((fids.get(n) or {}).get("reverse_kl") for n in ("student_initial", "student"))
     if start and end is not None:
-        lines.append(f"training changed the reverse KL to the teacher by {100 * (end - start) / start:+.1f}% "
-                     f"({start:.3f} -> {end:.3f} nats/token)")
+        lines.append(f"training changed the reverse KL to {teacher or 'the teacher'} by {100 * (end - start) / start:+.1f}% "
+                     f"({start:.3f} -> {end:.3f} nats/{'teacher ' if fids['student'].get('estimator') == 'sequence' else ''}"
+                     "token)")
     return lines

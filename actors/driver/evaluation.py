@@ -17,6 +17,7 @@ from eopd_ray.cross_tokenizer import ResponseEncoder, TokenBytes, retokenize
 from eopd_ray.evaluation import summarize_correct
 from eopd_ray.fidelity import Samples, cross_fidelity, diversity, fidelity
 from eopd_ray.models import load_causal_lm, load_tokenizer
+from eopd_ray.run_setup import model_groups
 from eopd_ray.seeds import eval_seed
 from eopd_ray.sharding import shard_slices
 from eopd_ray.teacher_context import teacher_prompts
@@ -121,8 +122,29 @@ def teacher_tokens(models, trust_remote_code: bool):
 def add_fidelity(session: Session, eval_recs: list, results: dict) -> None:
     """results[name]["fidelity"] for every evaluated model, computed in this (the driver's) process: the models
     are loaded from their paths, the samples are the evaluation's own; the teacher reads every sample after the
-    teacher's prompt, the students after their own."""
+    teacher's prompt, the students after their own. With several teachers (`teachers`), the students' fidelity
+    to each one on the held-out problems routed to it: results[name]["fidelity_by_teacher"][teacher name]."""
     cfg, models = session.cfg, session.models
+    t0 = time.perf_counter()
+    paths = {"student": trained_student_path(session), "student_initial": models.student_path}
+    groups = model_groups(cfg, models)
+    if len(groups) == 1:
+        for name, fid in fidelity_to_teacher(cfg, models, eval_recs, results, paths).items():
+            results[name]["fidelity"] = fid
+    for i, (group, group_cfg, group_models) in enumerate(groups if len(groups) > 1 else []):
+        idx = [j for j, r in enumerate(eval_recs) if r.teacher == i]
+        if not idx:
+            print(f"fidelity to teacher {group!r}: no held-out problem is routed to it")
+            continue
+        mine = {name: {"response_ids": [results[name]["response_ids"][j] for j in idx]} for name in paths}
+        for name, fid in fidelity_to_teacher(group_cfg, group_models, [eval_recs[j] for j in idx], mine, paths).items():
+            results[name].setdefault("fidelity_by_teacher", {})[group] = {**fid, "problems": len(idx)}
+    print(f"fidelity to the teacher{'s' if len(groups) > 1 else ''} computed in {time.perf_counter() - t0:.0f} s")
+
+
+def fidelity_to_teacher(cfg, models, eval_recs: list, results: dict, paths: dict) -> dict:
+    """{model name: its fidelity to cfg's (one) teacher} for the models of `paths` (and the teacher itself when
+    `results` holds its samples), on `eval_recs` with the samples in results[name]["response_ids"]."""
     k = cfg.eval.k
     prompts = [r.prompt_ids for r in eval_recs for _ in range(k)]
     teacher_side = [p for p in teacher_prompts(eval_recs) for _ in range(k)]
@@ -130,22 +152,20 @@ def add_fidelity(session: Session, eval_recs: list, results: dict) -> None:
     def samples(name):
         return Samples(prompts, [ids for row in results[name]["response_ids"] for ids in row], teacher_side)
 
-    t0 = time.perf_counter()
     teacher = load_causal_lm(models.teacher_path, cfg.model.teacher_dtype, cfg.model.trust_remote_code).eval()
     teacher_samples = samples("teacher") if "teacher" in results else None
-    paths = {"student": trained_student_path(session), "student_initial": models.student_path}
     retokenized = teacher_tokens(models, cfg.model.trust_remote_code) if cfg.teacher.tokenizer == "cross" else None
+    out = {}
     for name, path in paths.items():
         model = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
         if retokenized is None:
-            results[name]["fidelity"] = fidelity(model, teacher, samples(name), teacher_samples, models.vocab_size,
-                                                 cfg.loss.tau)
+            out[name] = fidelity(model, teacher, samples(name), teacher_samples, models.vocab_size, cfg.loss.tau)
         else:  # teacher.tokenizer=cross: over whole responses, in the teacher's tokens
             own = samples(name)
-            results[name]["fidelity"] = cross_fidelity(model, teacher, own, [retokenized(r) for r in own.responses],
-                                                       models.vocab_size, models.teacher_vocab_size)
+            out[name] = cross_fidelity(model, teacher, own, [retokenized(r) for r in own.responses],
+                                       models.vocab_size, models.teacher_vocab_size)
         del model
     if teacher_samples is not None:  # the teacher against itself: both KLs are 0 by definition
-        results["teacher"]["fidelity"] = {**fidelity(teacher, teacher, teacher_samples, None, models.vocab_size,
-                                                     cfg.loss.tau), "forward_kl": 0.0, "forward_kl_high_entropy": 0.0}
-    print(f"fidelity to the teacher computed in {time.perf_counter() - t0:.0f} s")
+        out["teacher"] = {**fidelity(teacher, teacher, teacher_samples, None, models.vocab_size, cfg.loss.tau),
+                          "forward_kl": 0.0, "forward_kl_high_entropy": 0.0}
+    return out
