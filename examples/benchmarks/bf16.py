@@ -10,17 +10,20 @@ only the dtype differs):
     fp32 (trainer.seed=0), bf16 (model.dtype=bfloat16 model.teacher_dtype=bfloat16, seed 0), fp32 (seed 1)
 
 Figures:
-- `bf16/step_time_ratio` (target <= 0.6): the median over steps 2..N of bf16's step time per response token
-  over the mean of the two fp32 runs' of the same step (the first step warms the actors up), with the spread
-  of those per-step ratios; the same for each phase (rollout, teacher scoring, training, weight sync). Per
-  token, since each run samples its own responses and their lengths differ from step to step; fixed costs
-  make a short step's time per token larger, so the normalisation penalises whichever run sampled less.
-  `*_unnormalised`: the plain time ratios.
+- `bf16/step_time_ratio` (target <= 0.6): the median over steps 2..N of bf16's step time over the mean of the
+  two fp32 runs' time of the same step (the first step warms the actors up), with the spread of those per-step
+  ratios; the same for each phase (rollout, teacher scoring, training, weight sync). Each run samples its own
+  responses, so the work of a step differs between runs: `*/tokens_per_step` says by how much, and
+  `*_time_per_token_ratio` divides each step by its response tokens (fixed costs make a short step's time per
+  token larger, so that one penalises whichever run sampled less). Neither is a same-work comparison.
 - held-out fidelity (exact full-vocabulary reverse KL to the teacher, eval.fidelity) of the trained student in
   each run, and `bf16/fidelity_gap_over_seed_gap`: |bf16 - fp32 seed 0| over |fp32 seed 1 - fp32 seed 0|, the
   distance bf16 moves the result against the distance a second sampling seed moves it (target <= 1: bf16
   within the seed's noise). One pair of seeds is a coarse measure of that noise; the note says so. Each run's
   evaluation runs its models in the run's dtypes, as the user's run would.
+
+- `bf16/same_work_{score,train}_time_ratio`: the same-work comparison the runs cannot give: teacher scoring and
+  one student training step (ZeRO-1) in bf16 and in fp32 on one rollout table, interleaved in this process.
 
 Whether the CPU has bf16 dot-product instructions (`avx512_bf16`, `amx_bf16`) is recorded: without them bf16
 matmuls run through conversions and bf16 is slower than fp32, with them it can be faster.
@@ -48,6 +51,55 @@ def student_reverse_kl(out: Path, name: str = "student") -> float | None:
     return ((ev.get(name) or {}).get("fidelity") or {}).get("reverse_kl")
 
 
+def time_ratios(rows: dict[str, list[dict]], key: str) -> tuple[list[float], list[float]]:
+    """Per step after the first: bf16's `key` time over the mean of the two fp32 runs', per response token
+    (`rollout/tokens`) and plain. Steps missing the key in any run are left out."""
+    per_token, plain = [], []
+    for b, a0, a1 in zip(*(rows[n][1:] for n in ("bf16_seed0", "fp32_seed0", "fp32_seed1"))):
+        if not all(key in r for r in (b, a0, a1)):
+            continue
+        # per response token: on-policy runs sample responses of different lengths (a step of 75 tokens
+        # against one of 243 was seen), and every phase's work grows with them
+        t = [r[key] / max(r["rollout/tokens"], 1) for r in (b, a0, a1)]
+        per_token.append(t[0] / ((t[1] + t[2]) / 2))
+        plain.append(b[key] / ((a0[key] + a1[key]) / 2))
+    return per_token, plain
+
+
+def same_work(setup, reps: int, rows: int) -> dict:
+    """Teacher scoring and one student training step in fp32 and in bf16 on the same rollout table (the preset's
+    first `rows` held-out prompts, sampled once by the fp32 student), interleaved in this process at the
+    preset's actor threads: {"score": Timings, "train": Timings, "tokens": int}."""
+    from actors.rollout.engine import SamplingParams
+    from actors.rollout.worker import RolloutWorker
+    from actors.runtime.dist import free_port
+    from actors.student.trainer import StudentTrainer
+    from actors.teacher.scorer import TeacherScorer
+    import dataclasses
+
+    cfg, m = setup.cfg, setup.models
+    threads = cfg.placement.actor_threads or 2
+    recs = setup.eval_recs[:rows]
+    worker = RolloutWorker(m.student_path, vocab_size=m.vocab_size, num_threads=threads)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=cfg.rollout.max_new_tokens, seed=0)
+    table, _ = worker.rollout([r.id for r in recs], [r.prompt_ids for r in recs], [r.answer for r in recs], params)
+    del worker
+    trainer_cfg = dataclasses.replace(cfg.trainer, zero_stage=1, batch_size=len(recs), mini_batch_size=len(recs))
+    scorers, trainers = {}, {}
+    for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+        scorers[name] = TeacherScorer(m.teacher_path, top_k=cfg.loss.top_k, vocab_size=m.vocab_size,
+                                      pad_id=m.pad_id, dtype=dtype, num_threads=threads)
+        trainers[name] = StudentTrainer(m.student_path, trainer_cfg, cfg.loss, rank=0, world_size=1,
+                                        vocab_size=m.vocab_size, pad_id=m.pad_id, dtype=dtype, num_threads=threads)
+        trainers[name].setup("127.0.0.1", free_port())
+    scored = scorers["fp32"].score(table)[0]
+    score = C.interleaved({n: (lambda s=s: s.score(table)) for n, s in scorers.items()}, reps)
+    steps = iter(range(10 ** 6))
+    train = C.interleaved({n: (lambda t=t: t.train_step(next(steps), 1, table, scored)) for n, t in trainers.items()},
+                          reps)
+    return {"score": score, "train": train, "tokens": sum(len(r) for r in table.column("response_ids").to_pylist())}
+
+
 def main(argv=None) -> int:
     p = C.base_parser(__doc__)
     p.add_argument("--steps", type=int, default=0, help="steps per run (default 4; quick 2)")
@@ -63,7 +115,7 @@ def main(argv=None) -> int:
     from eopd_ray.config import load_config
     from eopd_ray.run_setup import prepare_run
 
-    prepare_run(load_config(str(PRESET), ["out_dir=" + str(base / "prepare")]))  # convert + prune, cached
+    setup = prepare_run(load_config(str(PRESET), ["out_dir=" + str(base / "prepare")]))  # convert + prune, cached
     report = C.Report("bf16")
     flags = sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags())
     report.config = {"preset": str(PRESET.relative_to(C.ROOT)), "steps": steps, "overrides": common,
@@ -79,28 +131,29 @@ def main(argv=None) -> int:
         if name == "fp32_seed0":
             rkl["initial"] = student_reverse_kl(out, "student_initial")
     for k in PHASES:
-        ratios, raw = [], []
-        for b, a0, a1 in zip(rows["bf16_seed0"][1:], rows["fp32_seed0"][1:], rows["fp32_seed1"][1:]):
-            if not all(k in r for r in (b, a0, a1)):
-                continue
-            # per response token: on-policy runs sample responses of different lengths (a step of 75 tokens
-            # against one of 243 was seen), and every phase's work grows with them
-            per_tok = [r[k] / max(r["rollout/tokens"], 1) for r in (b, a0, a1)]
-            ratios.append(per_tok[0] / ((per_tok[1] + per_tok[2]) / 2))
-            raw.append(b[k] / ((a0[k] + a1[k]) / 2))
+        ratios, raw = time_ratios(rows, k)
         if not ratios:
             continue
         phase = k.split("/")[1]
-        report.add_repeated(f"{phase}_time_ratio", ratios, "x", "<= 0.6" if phase == "step" else None,
-                            note=f"bf16 {k} per response token over the mean of the two fp32 runs', steps 2..{steps}")
-        report.add_repeated(f"{phase}_time_ratio_unnormalised", raw, "x",
-                            note="the same, not divided by the tokens of each step")
+        report.add_repeated(f"{phase}_time_ratio", raw, "x", "<= 0.6" if phase == "step" else None,
+                            note=f"bf16 {k} over the mean of the two fp32 runs', steps 2..{steps}")
+        report.add_repeated(f"{phase}_time_per_token_ratio", ratios, "x",
+                            note="the same per response token (fixed costs weigh on the shorter run)")
         for n in rows:
             report.add(f"{n}/{phase}_s", C.median([r[k] for r in rows[n][1:] if k in r]), "s",
                        note=f"median of steps 2..{steps}")
     for n in rows:
         report.add(f"{n}/tokens_per_step", C.median([r["rollout/tokens"] for r in rows[n][1:]]), "tokens",
                    note=f"median of steps 2..{steps}")
+    C.progress("bf16", "same work: teacher scoring and a training step, fp32 and bf16 interleaved")
+    work = same_work(setup, reps=3 if args.quick else 5, rows=8 if args.quick else 16)
+    for phase in ("score", "train"):
+        t = work[phase]
+        report.add_repeated(f"same_work_{phase}_time_ratio", C.pair_ratios(t["bf16"], t["fp32"]), "x",
+                            note=f"bf16 over fp32 on one rollout table of {work['tokens']} response tokens, "
+                                 "interleaved in one process")
+        for n in ("fp32", "bf16"):
+            report.add(f"same_work_{phase}_{n}_s", C.median(t[n]), "s")
     for n, v in rkl.items():
         if v is not None:
             report.add(f"{n}/held_out_reverse_kl", v, "nats/token",
