@@ -1,6 +1,6 @@
 """bf16 against fp32 on the real-model preset (examples/configs/smollm2_prune.yaml), CPU, transformers engine.
 
-    python examples/benchmarks/bf16.py            # 4 steps per run, three runs, evaluation on 8 problems (~20 min)
+    python examples/benchmarks/bf16.py            # 4 steps per run, three runs, evaluation on 8 problems (~17 min)
     python examples/benchmarks/bf16.py --quick    # 2 steps per run, smaller batch, evaluation on 4 problems
 
 Three runs of the preset as the user starts it (`examples/train_eopd.py --config ...`), one after another, at
@@ -21,7 +21,6 @@ Figures:
   distance bf16 moves the result against the distance a second sampling seed moves it (target <= 1: bf16
   within the seed's noise). One pair of seeds is a coarse measure of that noise; the note says so. Each run's
   evaluation runs its models in the run's dtypes, as the user's run would.
-
 - `bf16/same_work_{score,train}_time_ratio`: the same-work comparison the runs cannot give: teacher scoring and
   one student training step (ZeRO-1) in bf16 and in fp32 on one rollout table, interleaved in this process.
 
