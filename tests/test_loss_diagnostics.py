@@ -61,7 +61,7 @@ def test_plain_opd_skips_the_forward_kl_and_the_entropy(monkeypatch, chunk_size)
     entropy or the top-k forward KL, and gathers one log-prob per position; EOPD without them still evaluates
     its forward KL (and not the entropy)."""
     calls = {"entropy": 0, "fkl": 0, "gathered": []}
-    entropy, fkl, gather = core.entropy_from_logprobs, core.fkl_at_topk, torch.Tensor.gather
+    picked, fkl, gather = core.picked_logprobs, core.fkl_at_topk, torch.Tensor.gather
 
     def count(key, fn):
         def wrapped(*a, **k):
@@ -73,7 +73,11 @@ def test_plain_opd_skips_the_forward_kl_and_the_entropy(monkeypatch, chunk_size)
         calls["gathered"].append(index.shape[-1])
         return gather(self, dim, index, *a, **k)
 
-    monkeypatch.setattr(core, "entropy_from_logprobs", count("entropy", entropy))
+    def counted_picked(logits, ids, with_entropy):
+        calls["entropy"] += int(with_entropy)
+        return picked(logits, ids, with_entropy)
+
+    monkeypatch.setattr(core, "picked_logprobs", counted_picked)
     monkeypatch.setattr(core, "fkl_at_topk", count("fkl", fkl))
     monkeypatch.setattr(torch.Tensor, "gather", counted_gather)
     for name, diagnostics, entropy_calls, fkl_calls, topk in (("opd", True, 1, 1, True), ("opd", False, 0, 0, False),

@@ -1,5 +1,5 @@
-"""The shared core of every objective: one float32 log-softmax of the student logits, shared between the
-ratio, the entropy and the forward KL; sanitising; one gather; the loss assembled from the objective's terms;
+"""The shared core of every objective: the student logits in float32, one fused pass for the log-probs that
+the ratio and the forward KL read and the entropy (`picked.py`); sanitising; the loss assembled from the objective's terms;
 the metrics (flat dict, slash names). See `registry.py` for what an objective supplies.
 
 Two front ends share everything after the student's per-position log-probs (`_assemble`): `eopd_loss` takes
@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from eopd_ray.objectives.registry import LossInputs, Objective, get_objective
+from eopd_ray.objectives.picked import picked_logprobs
 from eopd_ray.objectives.terms import clipped_mask, clipped_surrogate, fkl_at_topk
-from eopd_ray.stats import TokenStats, compute_dtype, entropy_from_logprobs
+from eopd_ray.stats import TokenStats, compute_dtype
 
 # trainer.logits_chunk = -1 (auto): chunk the output head where the vocabulary is large enough for it to pay.
 # Measured on 2 CPU cores (examples/benchmarks/student_memory.py and docs/results.md): a student step at
@@ -67,10 +68,10 @@ def eopd_loss(student_logits: torch.Tensor, tokens: torch.Tensor, old_logprobs: 
     obj = _objective(cfg, objective, sequence_advantages)
     _check_shapes(tuple(student_logits.shape[:-1]), tokens, old_logprobs, mask)
     mask_BT = mask.bool()
-    logq_BTV = torch.log_softmax(student_logits.to(compute_dtype(student_logits.dtype)), dim=-1)
+    logits_BTV = student_logits.to(compute_dtype(student_logits.dtype))
     tokens_BT = torch.where(mask_BT, tokens.long(), 0)
     t_ids_BTK = torch.where(mask_BT.unsqueeze(-1), teacher.topk_ids.long(), 0)
-    logprobs_BT, logq_topk_BTK, student_ent_BT = _picked(logq_BTV, tokens_BT, t_ids_BTK, obj)
+    logprobs_BT, logq_topk_BTK, student_ent_BT = _picked(logits_BTV, tokens_BT, t_ids_BTK, obj)
     return _assemble(obj, cfg, logprobs_BT, logq_topk_BTK, student_ent_BT, old_logprobs, teacher, mask_BT,
                      num_tokens, generator, num_gated, sequence_advantages, gate)
 
@@ -103,8 +104,7 @@ def eopd_loss_from_hidden(hidden_BTH: torch.Tensor, head, tokens: torch.Tensor, 
     def chunk(h_cH: torch.Tensor, tok_c: torch.Tensor, ids_cK: torch.Tensor):
         logits_cV = head(h_cH)
         logits_cV = logits_cV[..., :vocab_size] if vocab_size is not None else logits_cV
-        logq_cV = torch.log_softmax(logits_cV.to(compute_dtype(logits_cV.dtype)), dim=-1)
-        return _picked(logq_cV, tok_c, ids_cK, obj)
+        return _picked(logits_cV.to(compute_dtype(logits_cV.dtype)), tok_c, ids_cK, obj)
 
     parts = [checkpoint(chunk, hidden_NH[s:s + chunk_size], tokens_N[s:s + chunk_size], t_ids_NK[s:s + chunk_size],
                         use_reentrant=False) for s in range(0, hidden_NH.shape[0], chunk_size)]
@@ -142,25 +142,20 @@ def _needs(obj: Objective) -> tuple[bool, bool]:
             obj.diagnostics or obj.trains_entropy or obj.reads_entropy)
 
 
-def _picked(logq_V: torch.Tensor, tokens: torch.Tensor, topk_ids_K: torch.Tensor, obj: Objective):
-    """(log-prob of the sampled token, log-probs at the teacher's top-k ids, entropy) from full log-probs;
-    the last two None where `obj` needs them not (`_needs`).
-    One gather for the sampled token and the top-k: each gather's backward allocates a dense V-wide
-    gradient, so two would cost EOPD one more V-wide buffer than OPD."""
+def _picked(logits_V: torch.Tensor, tokens: torch.Tensor, topk_ids_K: torch.Tensor, obj: Objective):
+    """(log-prob of the sampled token, log-probs at the teacher's top-k ids, entropy) from logits (..., V) in
+    the compute dtype; the last two None where `obj` needs them not (`_needs`). One fused pass for all three
+    (`picked_logprobs`); the entropy carries a gradient only if the objective trains it."""
     need_topk, need_entropy = _needs(obj)
-    if need_topk:
-        picked_K1 = logq_V.gather(-1, torch.cat([tokens.unsqueeze(-1), topk_ids_K], dim=-1))
-        picked, topk = picked_K1[..., 0], picked_K1[..., 1:]
-    else:
-        picked, topk = logq_V.gather(-1, tokens.unsqueeze(-1))[..., 0], None
-    if not need_entropy:
-        entropy = None
-    elif obj.trains_entropy:
-        entropy = entropy_from_logprobs(logq_V)
-    else:
-        with torch.no_grad():
-            entropy = entropy_from_logprobs(logq_V)
-    return picked, topk, entropy
+    lead = tuple(tokens.shape)
+    ids_NM = (torch.cat([tokens.unsqueeze(-1), topk_ids_K], dim=-1) if need_topk else tokens.unsqueeze(-1))
+    picked_NM, entropy_N = picked_logprobs(logits_V.reshape(-1, logits_V.shape[-1]),
+                                           ids_NM.reshape(-1, ids_NM.shape[-1]), need_entropy)
+    picked_M = picked_NM.view(*lead, ids_NM.shape[-1])
+    picked, topk = picked_M[..., 0], (picked_M[..., 1:] if need_topk else None)
+    if entropy_N is not None:
+        entropy_N = entropy_N.view(lead) if obj.trains_entropy else entropy_N.detach().view(lead)
+    return picked, topk, entropy_N
 
 
 def objective_gate(cfg: Any, mask: torch.Tensor, teacher: TokenStats, old_logprobs: torch.Tensor,
