@@ -16,6 +16,7 @@ from typing import Any
 from eopd_ray.config_checks import check_placement, check_range as _check_range, coerce as _coerce, fail as _fail
 from eopd_ray.errors import ConfigError
 from eopd_ray.objectives import Objective, get_objective, objective_names
+from eopd_ray.placement import plan_placement
 from eopd_ray.pruning import PRUNE_METHODS
 from eopd_ray.teacher_config import RoutingConfig, TeacherConfig, check_teacher_groups
 
@@ -381,6 +382,8 @@ class RunConfig:
                   f"at least 2 with loss.objective={self.loss.objective} (its advantages need a group of responses)",
                   f"set rollout.n_samples_per_prompt={group} as in the paper")
         check_placement(self)
+        if self.placement.mode != "cpu":
+            plan_placement(self)  # the GPU plan must fit; its PlacementError is a ConfigError
         check_teacher_groups(self)
         return self
 

@@ -67,7 +67,8 @@ def coerce(path: str, raw: Any, annotation: str) -> Any:
 
 
 def check_placement(cfg) -> None:
-    """Cross-section checks of a RunConfig's GPU layout (the plan itself is computed in eopd_ray/placement.py)."""
+    """Cross-section checks of a RunConfig's GPU layout (the plan itself is computed, and
+    checked against the GPUs, by eopd_ray/placement.py, which RunConfig.validate calls after this)."""
     mode = cfg.placement.mode
     if cfg.rollout.engine == "vllm" and mode == "cpu" and cfg.rollout.tensor_parallel_size > 1:
         # vLLM's CPU backend runs one engine per rollout worker; tensor parallelism (and sleep mode,
@@ -89,11 +90,6 @@ def check_placement(cfg) -> None:
         # colocated engines sleep while the student trains on the same GPU: nothing to overlap with
         fail("rollout.overlap", True, "false with placement.mode=colocated (the engines and the student "
              "take turns on each GPU)", "set placement.mode=disaggregated to overlap, or rollout.overlap=false")
-    if mode == "cpu":
-        return
-    from eopd_ray.placement import plan_placement  # its PlacementError is a ConfigError
-
-    plan_placement(cfg)
 
 
 def check_cross_tokenizer(cfg, prefix: str = "teacher") -> None:
