@@ -1,6 +1,6 @@
-"""The shared core of every objective: the student logits in float32, one fused pass for the log-probs that
-the ratio and the forward KL read and the entropy (`picked.py`); sanitising; the loss assembled from the objective's terms;
-the metrics (flat dict, slash names). See `registry.py` for what an objective supplies.
+"""The shared core of every objective: the student logits in float32; one fused pass (`picked.py`) for the
+log-probs the ratio and the forward KL read and for the entropy; sanitising; the loss assembled from the
+objective's terms; the metrics (flat dict, slash names). See `registry.py` for what an objective supplies.
 
 Two front ends share everything after the student's per-position log-probs (`_assemble`): `eopd_loss` takes
 (B, T, V) logits; `eopd_loss_from_hidden` takes final hidden states and the model's output head, and builds
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from eopd_ray.objectives.registry import LossInputs, Objective, get_objective
 from eopd_ray.objectives.picked import picked_logprobs
+from eopd_ray.objectives.registry import LossInputs, Objective, get_objective
 from eopd_ray.objectives.terms import clipped_mask, clipped_surrogate, fkl_at_topk
 from eopd_ray.stats import TokenStats, compute_dtype
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from eopd_ray.stats import entropy_from_logprobs
+
 
 class _PickedLogSoftmax(torch.autograd.Function):
     """(N, V) logits, (N, M) int64 ids -> ((N, M) log-softmax at ids, (N,) entropy or an empty tensor)."""
@@ -35,13 +37,12 @@ class _PickedLogSoftmax(torch.autograd.Function):
             entropy_N = lse_N1.view(-1) - pz_N
             bad_N = ~torch.isfinite(entropy_N)
             if bad_N.any():  # -inf logits (masked ids) make 0 * -inf; they contribute 0 to the entropy
-                logq_bV = logits_NV[bad_N] - lse_N1[bad_N]
-                entropy_N[bad_N] = -torch.where(exp_NV[bad_N] > 0, logq_bV.exp() * logq_bV, 0.0).sum(-1)
+                entropy_N[bad_N] = entropy_from_logprobs(logits_NV[bad_N] - lse_N1[bad_N])
         else:
             entropy_N = logits_NV.new_zeros(0)
+            ctx.mark_non_differentiable(entropy_N)
         del exp_NV
         ctx.save_for_backward(logits_NV, lse_N1, ids_NM, entropy_N)
-        ctx.mark_non_differentiable(ids_NM)
         return picked_NM, entropy_N
 
     @staticmethod
