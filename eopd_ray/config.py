@@ -291,6 +291,9 @@ class PlacementConfig:
     weight_sync: str = "auto"
     check_sync: bool = True  # after the first weight sync of a run, compare engine and student log-probs
     actor_threads: int = 0  # torch threads of every actor; 0 = its Ray CPUs (at least 1), on GPUs its GPU share of the cores
+    # freed memory each actor process keeps mapped (glibc's trim and mmap thresholds, eopd_ray/placement.py::
+    # allocator_env), so buffers that every step allocates again are not page-faulted in again; 0 = glibc's defaults
+    retain_freed_mib: int = 1024
     # each role's actors go only to nodes offering the Ray resource eopd_<role> (`ray start --resources=
     # '{"eopd_rollout": 100}'`): node pools per role, e.g. KubeRay worker groups
     node_roles: bool = False
@@ -302,6 +305,7 @@ class PlacementConfig:
         _check_range(f"{prefix}.gpus_per_node", self.gpus_per_node, lo=0, integer=True)
         _check_range(f"{prefix}.sync_bucket_mb", self.sync_bucket_mb, lo=1, integer=True)
         _check_range(f"{prefix}.actor_threads", self.actor_threads, lo=0, integer=True)
+        _check_range(f"{prefix}.retain_freed_mib", self.retain_freed_mib, lo=0, integer=True)
         if not isinstance(self.node_roles, bool):
             _fail(f"{prefix}.node_roles", self.node_roles, "true or false")
         if self.weight_sync not in WEIGHT_SYNCS:

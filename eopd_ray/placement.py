@@ -210,6 +210,24 @@ def actor_threads(plan: PlacementPlan, role: str, cores: int, override: int = 0)
     return min(threads, max(1, cores))
 
 
+# glibc's malloc settings, read from the environment when a process starts (glibc manual, "Memory Allocation
+# Tunables"); Ray sets an actor's runtime_env env_vars before its worker process starts.
+ALLOCATOR_ENV_VARS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+
+def allocator_env(retain_mib: int, environ: dict[str, str]) -> dict[str, str]:
+    """Environment of every actor process: glibc keeps up to `retain_mib` MiB of freed memory mapped (trim
+    threshold) and serves blocks up to that size from its heap (mmap threshold), instead of handing them back
+    to the kernel at each free. A phase allocates the same buffers every step (activations, logit chunks); with
+    glibc's defaults (blocks over at most 32 MiB mapped one by one, the heap trimmed when it is idle) an actor
+    that sleeps between phases pays page faults for all of them again each step. {} when `retain_mib` is 0 or
+    the user set either variable or GLIBC_TUNABLES in `environ` (their own choice stands). No effect where the
+    C library is not glibc."""
+    if not retain_mib or "GLIBC_TUNABLES" in environ or any(v in environ for v in ALLOCATOR_ENV_VARS):
+        return {}
+    return dict.fromkeys(ALLOCATOR_ENV_VARS, str(int(retain_mib) << 20))
+
+
 def cpu_block(rank: int, num_cpus: float, cores: list[int]) -> list[int]:
     """The cores actor `rank` of a group pins its threads to: blocks of max(1, floor(num_cpus)) of `cores`
     (the node's usable cores, in order), one after another, wrapping around when the group needs more cores

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from eopd_ray.config import ConfigError, load_config
-from eopd_ray.placement import COLOCATED_SHARE, PlacementError, actor_threads, cpu_block, format_plan, plan_placement
+from eopd_ray.placement import (ALLOCATOR_ENV_VARS, COLOCATED_SHARE, PlacementError, actor_threads, allocator_env,
+                                cpu_block, format_plan, plan_placement)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
@@ -202,3 +203,21 @@ def test_node_roles_refuse_plans_that_mix_roles(overrides, field):
     with pytest.raises(PlacementError) as err:
         _gpu(*overrides, 1, "placement.node_roles=true")
     assert field in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_allocator_env_keeps_freed_memory_unless_the_user_chose_otherwise():
+    mib = 1 << 20
+    assert allocator_env(1024, {}) == {"MALLOC_TRIM_THRESHOLD_": str(1024 * mib),
+                                       "MALLOC_MMAP_THRESHOLD_": str(1024 * mib)}
+    assert allocator_env(3, {"PATH": "/bin"}) == dict.fromkeys(ALLOCATOR_ENV_VARS, str(3 * mib))
+    assert allocator_env(0, {}) == {}  # placement.retain_freed_mib=0: glibc's own defaults
+    for own in ({"MALLOC_TRIM_THRESHOLD_": "0"}, {"MALLOC_MMAP_THRESHOLD_": "65536"},
+                {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}):
+        assert allocator_env(1024, own) == {}
+    assert _cfg().placement.retain_freed_mib == 1024
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "big"])
+def test_bad_retain_freed_mib_names_the_field(value):
+    with pytest.raises(ConfigError, match="placement.retain_freed_mib"):
+        _cfg(f"placement.retain_freed_mib={value}")

@@ -22,7 +22,7 @@ from actors.sync.base import ObjectStoreWeightSync, WeightSync
 from eopd_ray.config import RunConfig
 from eopd_ray.objectives import Objective
 from eopd_ray.run_setup import ResolvedModels
-from eopd_ray.placement import PlacementPlan, cpu_block, plan_placement, role_resources
+from eopd_ray.placement import PlacementPlan, allocator_env, cpu_block, plan_placement, role_resources
 from eopd_ray.placement import actor_threads as placement_threads
 
 
@@ -92,12 +92,13 @@ class ColocatedGroup(ActorGroup):
     their own. The student group, built last, removes the shared group at shutdown."""
 
     def __init__(self, name: str, actor_cls, n: int, kwargs_for_rank, shared: SharedPlacement, num_cpus: float,
-                 num_gpus: float, owns_placement: bool = False):
+                 num_gpus: float, owns_placement: bool = False, env_vars: dict[str, str] | None = None):
         self.name, self.shared, self.owns_placement = name, shared, owns_placement
         self.pg = shared.pg
         self.actors = [
             actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                shared.pg, placement_group_bundle_index=i)).remote(**kwargs_for_rank(i))
+                shared.pg, placement_group_bundle_index=i), runtime_env={"env_vars": env_vars} if env_vars else None
+            ).remote(**kwargs_for_rank(i))
             for i in range(n)]
         self.bundles, self.pending = list(range(n)), []
 
@@ -119,13 +120,14 @@ def _group(cfg: RunConfig, role: str, actor_cls, n: int, kwargs_for_rank, num_cp
            name: str = "") -> ActorGroup:
     """`n` actors of `role`; `name` (default: the role) names the group and its placement group."""
     plan = plan_placement(cfg)
+    env = allocator_env(cfg.placement.retain_freed_mib, dict(os.environ))  # glibc reads it as the process starts
     if plan.mode == "colocated":
         return ColocatedGroup(role, actor_cls, n, kwargs_for_rank, _shared(plan, cfg.trainer.place_wait_s), num_cpus,
-                              plan.num_gpus(role), owns_placement=role == "student")
+                              plan.num_gpus(role), owns_placement=role == "student", env_vars=env)
     # CPU: num_gpus is 0 and the bundles are {"CPU": num_cpus}, exactly as before placement existed;
     # placement.node_roles adds the role's pool resource to every bundle (eopd_ray.placement.role_resources).
     return ActorGroup(name or role, actor_cls, n, kwargs_for_rank, num_cpus=num_cpus, num_gpus=plan.num_gpus(role),
-                      resources=role_resources(cfg, role), ready_timeout_s=cfg.trainer.place_wait_s)
+                      resources=role_resources(cfg, role), ready_timeout_s=cfg.trainer.place_wait_s, env_vars=env)
 
 
 def _engine_kwargs(cfg: RunConfig, rank: int) -> dict:
