@@ -33,6 +33,9 @@ class TeacherConfig:
 
     num_workers: int = 1  # teacher actors (data parallel; with zero_stage 3 they also share the parameters)
     chunk_size: int = 1024  # positions per chunk when computing full-vocabulary statistics
+    # rows are batched by length (eopd_ray/sharding.py::length_groups); one more forward is worth this many
+    # padded tokens. 0 = auto: 64 on CPU (measured, docs/scale.md), 1024 on CUDA (an estimate, not measured)
+    forward_tokens: int = 0
     num_cpus: float = 0.5  # Ray CPUs reserved per teacher actor
     zero_stage: int = 0  # 0: every worker holds the whole teacher; 3: DeepSpeed ZeRO-3 inference, parameters
     # partitioned over the workers and gathered layer by layer (teachers that do not fit one GPU)
@@ -51,6 +54,7 @@ class TeacherConfig:
     def validate(self, prefix: str = "teacher") -> None:
         _check_range(f"{prefix}.num_workers", self.num_workers, lo=1, integer=True)
         _check_range(f"{prefix}.chunk_size", self.chunk_size, lo=1, integer=True)
+        _check_range(f"{prefix}.forward_tokens", self.forward_tokens, lo=0, integer=True)
         _check_range(f"{prefix}.num_cpus", self.num_cpus, lo=0)
         if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 3):
             _fail(f"{prefix}.zero_stage", self.zero_stage, "0 (whole teacher per worker) or 3 (ZeRO-3 inference)",

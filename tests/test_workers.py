@@ -68,10 +68,14 @@ def test_rollout_is_seeded(setup):
     assert other.column("response_ids").to_pylist() != setup["table"].column("response_ids").to_pylist()
 
 
-def test_teacher_scores_match_full_vocabulary_reference(setup):
+@pytest.mark.parametrize("forward_tokens", [1, 0, 10**9])  # batches by length: many small, auto, fewest
+def test_teacher_scores_match_full_vocabulary_reference(setup, forward_tokens):
     tok = setup["tok"]
     scorer = TeacherScorer(setup["teacher"], top_k=K, vocab_size=len(tok), pad_id=tok.pad_token_id, chunk_size=7,
-                           max_batch=5)
+                           max_batch=5, forward_tokens=forward_tokens)
+    batches = scorer._row_chunks(setup["table"])
+    assert sorted(i for rows, _, _ in batches for i in rows) == list(range(setup["table"].num_rows))
+    assert len(batches) > 1 and all(len(rows) <= 5 for rows, _, _ in batches)
     scored, stats = scorer.score(setup["table"])
     assert scored.schema == TEACHER_SCHEMA
     assert scored.column("sample_id").to_pylist() == setup["table"].column("sample_id").to_pylist()

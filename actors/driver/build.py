@@ -164,7 +164,8 @@ def build_teachers(cfg: RunConfig, models: ResolvedModels, name: str = "teacher"
     the group's (one of several teachers: `teacher_<name>`)."""
     t = cfg.teacher
     common = dict(model_path=models.teacher_path, top_k=cfg.loss.top_k, vocab_size=models.vocab_size,
-                  pad_id=models.pad_id, chunk_size=t.chunk_size, dtype=cfg.model.teacher_dtype,
+                  pad_id=models.pad_id, chunk_size=t.chunk_size, forward_tokens=t.forward_tokens,
+                  dtype=cfg.model.teacher_dtype,
                   trust_remote_code=cfg.model.trust_remote_code, end_swap=models.end_swap)
     if t.tokenizer == "cross":  # its own vocabulary; the student's tokenizer to align to (zero_stage 0 only)
         return _group(cfg, "teacher", CrossTeacherActor, t.num_workers, lambda rank: dict(

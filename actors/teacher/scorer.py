@@ -23,31 +23,43 @@ import torch
 
 from actors.runtime.faults import maybe_fail
 from eopd_ray.batch import list_rows, make_teacher_table, sequence_batch, teacher_prompt_rows
+from eopd_ray.sharding import length_groups
 from eopd_ray.teacher_context import swap_ids
 from eopd_ray.stats import TokenStats, token_stats_from_hidden
 from eopd_ray.models import check_output_head, load_causal_lm, output_head, set_threads
 
 
+# teacher.forward_tokens=0: the padded tokens one more forward is worth. CPU: measured on the tiny default
+# (2-core machine, 2026-12-04: 64 scored fastest of 0, 32, 64, 128, 256 and one batch); CUDA: an estimate
+# (a forward's fixed cost of some hundreds of kernel launches), not measured.
+FORWARD_TOKENS_AUTO = {"cpu": 64, "cuda": 1024}
+
+
 def _empty_columns() -> dict[str, list]:
-    """Per-row arrays of a teacher table being filled: logprobs, entropy (T,), topk_ids, topk_logprobs (T, k)."""
-    return {"logprobs": [], "entropy": [], "topk_ids": [], "topk_logprobs": []}
+    """Per-row arrays of a teacher table being filled: logprobs, entropy (T,), topk_ids, topk_logprobs (T, k),
+    and each array's row of the rollout table (`rows`: batches are formed by length, not in row order)."""
+    return {"logprobs": [], "entropy": [], "topk_ids": [], "topk_logprobs": [], "rows": []}
 
 
 class TeacherScorer:
     def __init__(self, model_path: str, top_k: int, vocab_size: int, pad_id: int, chunk_size: int = 1024,
                  dtype: str = "float32", trust_remote_code: bool = False, num_threads: int | None = None,
-                 max_batch: int = 64, device: str = "auto", end_swap: tuple[int, int] | None = None):
-        self._configure(top_k, vocab_size, pad_id, chunk_size, max_batch, num_threads, end_swap)
+                 max_batch: int = 64, device: str = "auto", end_swap: tuple[int, int] | None = None,
+                 forward_tokens: int = 0):
+        self._configure(top_k, vocab_size, pad_id, chunk_size, max_batch, num_threads, end_swap, forward_tokens)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self._attach(load_causal_lm(model_path, dtype, trust_remote_code).to(self.device))
 
     def _configure(self, top_k: int, vocab_size: int, pad_id: int, chunk_size: int, max_batch: int,
-                   num_threads: int | None, end_swap: tuple[int, int] | None = None) -> None:
+                   num_threads: int | None, end_swap: tuple[int, int] | None = None,
+                   forward_tokens: int = 0) -> None:
         set_threads(num_threads)
         self.top_k, self.vocab_size, self.pad_id = top_k, vocab_size, pad_id
-        self.chunk_size, self.max_batch = chunk_size, max_batch
+        # forward_tokens: what one more forward costs, in padded tokens (eopd_ray.sharding.length_groups);
+        # 0 = FORWARD_TOKENS_AUTO for the device the model runs on
+        self.chunk_size, self.max_batch, self.forward_tokens = chunk_size, max_batch, forward_tokens
         # teacher.eos_remap: the two end tokens exchanged in everything the teacher reads and returns
         self.end_swap = tuple(end_swap) if end_swap else None
 
@@ -69,21 +81,25 @@ class TeacherScorer:
         maybe_fail("teacher")
         t0 = time.perf_counter()
         cols = _empty_columns()
-        for prompts, responses in self._row_chunks(rollout):
-            self._score_chunk(prompts, responses, cols)
+        for rows, prompts, responses in self._row_chunks(rollout):
+            self._score_chunk(prompts, responses, cols, rows)
         return self._result(rollout, cols, time.perf_counter() - t0)
 
-    def _row_chunks(self, rollout: pa.Table) -> list[tuple[list, list]]:
-        """(prompts, responses) of at most `max_batch` rows each, in row order, as the teacher reads them: its
-        own rendering of the prompt where the rollout carries one, and the responses with the two end tokens
+    def _row_chunks(self, rollout: pa.Table) -> list[tuple[list[int], list, list]]:
+        """(row indices, prompts, responses) of at most `max_batch` rows each, rows of similar length together
+        (`length_groups`: padding costs a full forward per padded token), as the teacher reads them: its own
+        rendering of the prompt where the rollout carries one, and the responses with the two end tokens
         exchanged (teacher.eos_remap; prompts are left alone, their template's turn markers are meant as written)."""
         prompts = teacher_prompt_rows(rollout)
         responses = [swap_ids(r, self.end_swap) for r in list_rows(rollout.column("response_ids"))]
-        return [(prompts[s:s + self.max_batch], responses[s:s + self.max_batch])
-                for s in range(0, len(prompts), self.max_batch)]
+        cost = self.forward_tokens or FORWARD_TOKENS_AUTO.get(self.device.type, FORWARD_TOKENS_AUTO["cpu"])
+        groups = length_groups([len(p) + len(r) for p, r in zip(prompts, responses)], self.max_batch, cost)
+        return [(g, [prompts[i] for i in g], [responses[i] for i in g]) for g in groups]
 
     @staticmethod
     def _result(rollout: pa.Table, cols: dict[str, list], seconds: float) -> tuple[pa.Table, dict]:
+        order = np.argsort(np.asarray(cols["rows"], dtype=np.int64), kind="stable")  # back into row order
+        cols = {name: [values[i] for i in order] for name, values in cols.items()}
         table = make_teacher_table(rollout.column("sample_id").to_numpy(), cols["logprobs"], cols["entropy"],
                                    cols["topk_ids"], cols["topk_logprobs"])
         ent = np.concatenate(cols["entropy"]) if cols["entropy"] else np.zeros(0)
@@ -107,7 +123,9 @@ class TeacherScorer:
         # (B, L, H) of the prompts too is dropped on return, before the V-wide chunks
         return hidden_BLH.reshape(-1, hidden_BLH.shape[-1])[index_N], batch.response_BT.to(dev)[mask_BT]
 
-    def _score_chunk(self, prompts, responses, cols) -> None:
+    def _score_chunk(self, prompts, responses, cols, rows: list[int]) -> None:
+        """Scores one batch of rows (`rows`: their indices in the rollout table) into `cols`."""
+        cols["rows"].extend(rows)
         hidden_NH, tokens_N = self._response_hidden(prompts, responses, self.pad_id)
         stats = self._position_stats(hidden_NH, tokens_N)
         stats = stats.to("cpu")  # one device-to-host copy of the compact (N,), (N,), (N, k), (N, k) tensors

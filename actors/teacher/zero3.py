@@ -65,9 +65,10 @@ class ShardedTeacherScorer(TeacherScorer):
     def __init__(self, model_path: str, top_k: int, vocab_size: int, pad_id: int, rank: int, world_size: int,
                  chunk_size: int = 1024, dtype: str = "float32", trust_remote_code: bool = False,
                  num_threads: int | None = None, max_batch: int = 64, backend: str = "gloo", offload: str = "none",
-                 persistence_threshold: int = 100_000, end_swap: tuple[int, int] | None = None):
+                 persistence_threshold: int = 100_000, end_swap: tuple[int, int] | None = None,
+                 forward_tokens: int = 0):
         # No model yet: it is loaded into partitions by `setup`, once every rank has joined the group.
-        self._configure(top_k, vocab_size, pad_id, chunk_size, max_batch, num_threads, end_swap)
+        self._configure(top_k, vocab_size, pad_id, chunk_size, max_batch, num_threads, end_swap, forward_tokens)
         self.model_path, self.dtype, self.trust_remote_code = model_path, dtype, trust_remote_code
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.offload, self.persistence_threshold = offload, persistence_threshold
@@ -119,7 +120,7 @@ class ShardedTeacherScorer(TeacherScorer):
 
         maybe_fail("teacher")
         t0 = time.perf_counter()
-        chunks = [(i, p, r) for i, rollout in enumerate(rollouts) for p, r in self._row_chunks(rollout)]
+        chunks = [(i, rows, p, r) for i, rollout in enumerate(rollouts) for rows, p, r in self._row_chunks(rollout)]
         count = torch.tensor([len(chunks)], device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         cols = [_empty_columns() for _ in rollouts]
@@ -128,11 +129,11 @@ class ShardedTeacherScorer(TeacherScorer):
         for c in range(int(count.item())):
             t = time.perf_counter()
             if c < len(chunks):
-                i, prompts, responses = chunks[c]
-                self._score_chunk(prompts, responses, cols[i])
+                i, rows, prompts, responses = chunks[c]
+                self._score_chunk(prompts, responses, cols[i], rows)
                 seconds[i] += time.perf_counter() - t
             else:
-                self._score_chunk(*stand_in, _empty_columns())  # keeps this worker in step; result dropped
+                self._score_chunk(*stand_in, _empty_columns(), [0])  # keeps this worker in step; result dropped
         results = [self._result(rollout, col, s) for rollout, col, s in zip(rollouts, cols, seconds)]
         for _, stats in results:
             stats["time/teacher_shards"] = time.perf_counter() - t0
